@@ -1,0 +1,194 @@
+"""Scaled-dot-product attention, the definition every other path is checked against."""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import device
+
+from refattn.checks import (
+    check_bias,
+    check_mask,
+    check_per_head,
+    check_positions,
+    check_qkv,
+    check_scalars,
+)
+from refattn.namespace import Array, Namespace, compute_dtype, namespace_of
+from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
+from refattn.scores import alibi_bias, group_heads, scaled_scores, softcap_scores
+from refattn.softmax import masked_softmax
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = False,
+    q_pos: Array | None = None,
+    k_pos: Array | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Array | None = None,
+    sink_logits: Array | None = None,
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
+    r"""Attention of queries ``q`` over keys ``k`` and values ``v``.
+
+    For query :math:`i` of head :math:`h` (reading KV head :math:`h // G`,
+    :math:`G = H_q / H_{kv}`), over the keys :math:`V_i` it may see:
+
+    .. math::
+
+        s_{ij} &= \text{scale} \cdot q_i \cdot k_j
+            && \text{scale defaults to } 1/\sqrt{D} \\
+        s_{ij} &\leftarrow c \tanh(s_{ij} / c)
+            && \text{softcap } c \\
+        s_{ij} &\leftarrow s_{ij} - m_h \lvert q^{pos}_i - k^{pos}_j \rvert + \text{bias}_{ij}
+            && \text{ALiBi slope } m_h \\
+        V_i &= \{ j : k^{pos}_j \ge 0,\ \text{mask}_{ij},\
+            \text{causal} \Rightarrow k^{pos}_j \le q^{pos}_i,\
+            q^{pos}_i - k^{pos}_j < W \} \\
+        Z_i &= \textstyle\sum_{j \in V_i} e^{s_{ij}} + e^{\sigma_h}
+            && \text{sink logit } \sigma_h \text{, if given} \\
+        o_i &= \textstyle\sum_{j \in V_i} (e^{s_{ij}} / Z_i)\, v_j,
+            \qquad \text{lse}_i = \log Z_i
+
+    A row with no visible key returns :math:`o_i = 0` and
+    :math:`\text{lse}_i = -\infty`, with no warning and no NaN.
+
+    Parameters
+    ----------
+    q : (B, Hq, Sq, D) array
+    k : (B, Hkv, Sk, D) array, same dtype as q; ``Hq % Hkv == 0``
+    v : (B, Hkv, Sk, Dv) array, same dtype as q
+    causal : bool
+        Hide keys at positions after the query's.
+    q_pos : (B, Sq) integer array, optional
+        Absolute query positions; default ``Sk - Sq + arange(Sq)`` (bottom-right,
+        the KV-cache alignment). ``arange(Sq)`` gives PyTorch's top-left ``is_causal``.
+    k_pos : (B, Sk) integer array, optional
+        Absolute key positions, negative for an empty slot; default ``arange(Sk)``.
+    mask : boolean array broadcastable to (B, Hq, Sq, Sk), optional
+        True keeps a key.
+    bias : floating array broadcastable to (B, Hq, Sq, Sk), optional
+        Added to the scores.
+    scale : float, optional
+    window : int >= 1, optional
+        Keep only keys with ``q_pos - k_pos < window``: the last ``window``
+        positions, the query's own included (flash-attn's ``window_size=(window-1, 0)``).
+    softcap : float > 0, optional
+    alibi_slopes : (Hq,) or (B, Hq) array, optional
+    sink_logits : (Hq,) array, optional
+        One logit per head that joins the softmax denominator and adds no value.
+    return_lse : bool
+        Also return the log of the softmax denominator.
+
+    Returns
+    -------
+    out : (B, Hq, Sq, Dv) array in q's dtype
+    lse : (B, Hq, Sq) array in the compute dtype, only if ``return_lse``
+
+    Notes
+    -----
+    float16 and bfloat16 inputs are computed in float32 and the output is cast
+    back; float32 and float64 are computed in their own dtype. Grouped-query
+    attention is a reshape of q, never a copy of k or v.
+
+    Examples
+    --------
+    Three cached keys and one new query: the query sits at position 2 and, with
+    equal scores, averages the values it sees.
+
+    >>> import numpy as np
+    >>> q = np.zeros((1, 1, 1, 4)); k = np.zeros((1, 1, 3, 4))
+    >>> v = np.arange(3.0).reshape(1, 1, 3, 1)
+    >>> attention(q, k, v, causal=True)[..., 0]
+    array([[[1.]]])
+    >>> out, lse = attention(q, k, v, causal=True, window=2, return_lse=True)
+    >>> float(out[0, 0, 0, 0]), float(np.exp(lse[0, 0, 0]))
+    (1.5, 2.0)
+    """
+    xp = namespace_of(
+        q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias,
+        alibi_slopes=alibi_slopes, sink_logits=sink_logits,
+    )  # fmt: skip
+    check_qkv(xp, q, k, v)
+    check_scalars(scale, window, softcap)
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    G = Hq // Hkv
+    shape = (B, Hq, Sq, Sk)
+    on = device(q)
+    out_dtype, dtype = q.dtype, compute_dtype(xp, q.dtype)
+
+    q_pos = _positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on))
+    k_pos = _positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = (_cast(xp, x, dtype) for x in (q, k, v))
+
+    # Scores, then each modifier in the order of the formula.
+    s = scaled_scores(xp, q, k, scale)  # (B, Hkv, G, Sq, Sk)
+    if softcap is not None:
+        s = softcap_scores(xp, s, softcap)
+    if alibi_slopes is not None:
+        check_per_head(xp, "alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))
+        slopes = xp.reshape(_cast(xp, alibi_slopes, dtype), (-1, Hkv, G))  # (B or 1, Hkv, G)
+        s = s + alibi_bias(xp, slopes, q_pos, k_pos)  # (B, Hkv, G, Sq, Sk)
+    if bias is not None:
+        check_bias(xp, bias, shape)
+        s = s + group_heads(xp, _cast(xp, bias, dtype), Hkv)  # (B, Hkv, G, Sq, Sk)
+
+    # Which keys each query sees: positions, then the explicit mask.
+    visible = visibility(xp, q_pos, k_pos, causal=causal, window=window)
+    visible = visible[:, None, None, :, :]  # (B, 1, 1, Sq, Sk)
+    if mask is not None:
+        check_mask(xp, mask, shape)
+        visible = visible & group_heads(xp, mask, Hkv)  # (B, Hkv, G, Sq, Sk)
+
+    sink = None
+    if sink_logits is not None:
+        check_per_head(xp, "sink_logits", sink_logits, ((Hq,),))
+        sink = xp.reshape(_cast(xp, sink_logits, dtype), (1, Hkv, G, 1, 1))
+
+    p, lse = masked_softmax(xp, s, visible, sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
+
+    # Weighted sum of values, one (G * Sq, Sk) x (Sk, Dv) product per KV head.
+    v = _drop_unseen_values(xp, v, visible)
+    out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
+    out = xp.reshape(out, (B, Hq, Sq, Dv))  # (B, Hq, Sq, Dv)
+    out = _cast(xp, out, out_dtype)
+    if return_lse:
+        return out, xp.reshape(lse, (B, Hq, Sq))
+    return out
+
+
+def _positions(
+    xp: Namespace, name: str, pos: Array | None, batch: int, length: int, default: Array
+) -> Array:
+    if pos is None:
+        return default
+    check_positions(xp, name, pos, batch, length)
+    return as_rows(xp, pos)
+
+
+def _cast(xp: Namespace, x: Array, dtype: object) -> Array:
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def _drop_unseen_values(xp: Namespace, v: Array, visible: Array) -> Array:
+    """Zero the values of slots no query sees, so 0 * NaN cannot reach the output.
+
+    A weight of exactly 0 times a NaN or inf value is NaN, so a poisoned empty
+    slot would leak through the matrix product. When every slot is seen by
+    some query (the usual case) v is returned as it is, with no copy.
+    """
+    seen = xp.any(visible, axis=(2, 3))  # (B, Hkv or 1, Sk)
+    if bool(xp.all(seen)):
+        return v
+    zero = xp.zeros((), dtype=v.dtype, device=device(v))
+    return xp.where(seen[..., None], v, zero)  # (B, Hkv, Sk, Dv)

@@ -1,0 +1,82 @@
+"""Which array library an input belongs to, and which dtype the spec computes in.
+
+The spec never imports a framework. It asks array-api-compat for the namespace
+of its inputs and creates every new array with the ``dtype=`` and ``device=``
+of those inputs, so the same lines run on NumPy, CuPy, PyTorch and
+array-api-strict.
+
+Precision policy: float16 and bfloat16 inputs are computed in float32 and the
+result is cast back to the input dtype; float32 and float64 are computed in
+their own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+Namespace = Any
+
+
+def namespace_of(**arrays: Array | None) -> Namespace:
+    """Return the array namespace shared by the named arrays (``None`` skipped).
+
+    The first named array decides the namespace; every other one must belong
+    to the same library, and the error names the one that does not.
+
+    >>> import numpy as np
+    >>> xp = namespace_of(q=np.zeros(2), k=np.ones(2), mask=None)
+    >>> xp.__name__
+    'array_api_compat.numpy'
+    """
+    given = {name: x for name, x in arrays.items() if x is not None}
+    first_name, first = next(iter(given.items()))
+    xp = _namespace_or_error(first_name, first)
+    for name, x in given.items():
+        other = _namespace_or_error(name, x)
+        if other is not xp:
+            raise TypeError(
+                f"{name} is a {_library(x)} array but {first_name} is a {_library(first)} array; "
+                "all arrays must come from one array library"
+            )
+    return xp
+
+
+def _namespace_or_error(name: str, x: Array) -> Namespace:
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an array of a library supported by array-api-compat "
+            f"(numpy, cupy, torch, array_api_strict, ...); got {type(x).__name__}"
+        ) from None
+
+
+def _library(x: Array) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def is_low_precision(xp: Namespace, dtype: Any) -> bool:
+    """True for float16 and bfloat16 (NumPy's bfloat16 comes from ml_dtypes).
+
+    array-api-strict has no float16, so the name is looked up, not assumed.
+    """
+    return dtype == getattr(xp, "float16", None) or "bfloat16" in str(dtype)
+
+
+def is_floating(xp: Namespace, dtype: Any) -> bool:
+    """True for the floating dtypes the spec accepts for q, k and v."""
+    return dtype in (xp.float32, xp.float64) or is_low_precision(xp, dtype)
+
+
+def compute_dtype(xp: Namespace, dtype: Any) -> Any:
+    """The dtype the spec computes in for inputs of ``dtype``.
+
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> compute_dtype(xp, xp.float16), compute_dtype(xp, xp.float64)
+    (dtype('float32'), dtype('float64'))
+    """
+    return xp.float32 if is_low_precision(xp, dtype) else dtype
