@@ -235,6 +235,8 @@ def oracle_attention(
             kp_row = kp_rows[b]
             for h in range(n_qheads):
                 hk = h // group
+                k_rows = list(kf[b, hk])  # k_rows[j] is the key vector of slot j
+                v_mat = vf[b, hk]  # v_mat[j] is the value vector of slot j
                 sink = None if sinks_b is None else float(sinks_b[h])
                 slope = None if slopes_b is None else float(slopes_b[b, h])
                 for i in range(n_queries):
@@ -256,7 +258,7 @@ def oracle_attention(
                             continue
                         if mask_row is not None and not mask_row[j]:
                             continue
-                        s = scale_f * float(np.dot(q_vec, kf[b, hk, j]))
+                        s = scale_f * float(np.dot(q_vec, k_rows[j]))
                         if cap is not None:
                             s = cap * math.tanh(s / cap)
                         if slope is not None:
@@ -281,16 +283,18 @@ def oracle_attention(
                         lse[b, h, i] = -math.inf
                         continue
 
-                    # Pass 2: shifted exponentials, weighted sum of values.
-                    z = 0.0
-                    acc = np.zeros(d_v, dtype=np.float64)
-                    for j, s in zip(visible, scores, strict=True):
-                        e = math.exp(s - m)
-                        z += e
-                        acc += e * vf[b, hk, j]
+                    # Pass 2: shifted exponentials and their sum.
+                    weights = [math.exp(s - m) for s in scores]
+                    z = sum(weights)
                     if sink is not None:
                         z += math.exp(sink - m)
-                    out[b, h, i] = acc / z
+                    # Weighted sum of the visible value rows only:
+                    # sum_j weights[j] * v_j, as one dot over the visible rows.
+                    if visible:
+                        acc = np.dot(np.array(weights, dtype=np.float64), v_mat[visible])
+                        out[b, h, i] = acc / z
+                    else:
+                        out[b, h, i] = 0.0
                     lse[b, h, i] = m + math.log(z)
 
     return out, lse

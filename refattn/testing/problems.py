@@ -1,0 +1,182 @@
+"""Attention problems: a small description that rebuilds its arrays from a seed.
+
+A :class:`ProblemSpec` names the shapes and options of one attention call and
+a seed; :func:`build_problem` turns it into float64 NumPy arrays. Hypothesis
+draws specs (so failures shrink to small shapes and few options), ``refattn
+verify`` draws them from a NumPy generator, and both rebuild the same data
+from the same spec.
+
+The corners drawn are the ones where implementations break: queries at the
+end of a longer cache (bottom-right), top-left alignment, per-row positions
+under left padding, empty slots (``k_pos = -1``) in any order as in a ring
+buffer, fully masked rows, window edges, logits large enough to overflow a
+softmax without max subtraction, and NaN planted in slots no query can see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+#: How key and query positions are laid out.
+LAYOUTS = ("bottom_right", "top_left", "left_padded", "scattered")
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """Shapes, options and a seed; :func:`build_problem` makes the arrays."""
+
+    batch: int = 1
+    q_heads: int = 1
+    kv_heads: int = 1
+    q_len: int = 1
+    k_len: int = 1
+    head_dim: int = 8
+    value_dim: int = 8
+    causal: bool = False
+    layout: str = "bottom_right"
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
+    sinks: bool = False
+    mask: bool = False
+    bias: bool = False
+    scale: float | None = None
+    logit_size: float = 1.0
+    poison: bool = False
+    seed: int = 0
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
+
+
+@dataclass
+class Problem:
+    """The arrays of one attention call, float64 NumPy (positions int64)."""
+
+    spec: ProblemSpec
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    q_pos: np.ndarray
+    k_pos: np.ndarray
+    mask: np.ndarray | None
+    bias: np.ndarray | None
+    alibi_slopes: np.ndarray | None
+    sink_logits: np.ndarray | None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array arguments of ``attention`` (None ones left out)."""
+        names = ("q", "k", "v", "q_pos", "k_pos", "mask", "bias", "alibi_slopes", "sink_logits")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def scalars(self) -> dict[str, Any]:
+        """The scalar keyword arguments of ``attention``."""
+        s = self.spec
+        return {"causal": s.causal, "window": s.window, "softcap": s.softcap, "scale": s.scale}
+
+
+def build_problem(spec: ProblemSpec) -> Problem:
+    """Make the arrays of ``spec`` from its seed."""
+    rng = np.random.default_rng(spec.seed)
+    B, Hq, Hkv = spec.batch, spec.q_heads, spec.kv_heads
+    Sq, Sk, D, Dv = spec.q_len, spec.k_len, spec.head_dim, spec.value_dim
+    # Scores of size ~logit_size: q.k sums D products of two N(0, a^2) draws.
+    a = math.sqrt(spec.logit_size) if spec.logit_size > 1 else 1.0
+    q = rng.standard_normal((B, Hq, Sq, D)) * a
+    k = rng.standard_normal((B, Hkv, Sk, D)) * a
+    v = rng.standard_normal((B, Hkv, Sk, Dv))
+    q_pos, k_pos = _positions(rng, spec)
+    mask = bias = slopes = sinks = None
+    if spec.mask:
+        keep = rng.random((B, Hq, Sq, Sk)) < 0.75
+        form = rng.integers(3)  # full, shared across heads, shared across the batch
+        mask = keep if form == 0 else keep[:, :1] if form == 1 else keep[0, :, :, :]
+    if spec.bias:
+        bias = rng.standard_normal((1, Hq, Sq, Sk) if rng.integers(2) else (B, 1, Sq, Sk))
+    if spec.alibi:
+        slopes = 2.0 ** (-8.0 * np.arange(1, Hq + 1) / Hq)
+        if rng.integers(2):
+            slopes = slopes * rng.uniform(0.5, 2.0, size=(B, 1))
+    if spec.sinks:
+        sinks = rng.standard_normal(Hq)
+    problem = Problem(spec, q, k, v, q_pos, k_pos, mask, bias, slopes, sinks)
+    if spec.poison:
+        _poison_unseen_slots(problem)
+    return problem
+
+
+def _positions(rng: np.random.Generator, spec: ProblemSpec) -> tuple[np.ndarray, np.ndarray]:
+    B, Sq, Sk = spec.batch, spec.q_len, spec.k_len
+    rows = np.arange(Sq)
+    if spec.layout == "bottom_right":
+        return np.tile(Sk - Sq + rows, (B, 1)), np.tile(np.arange(Sk), (B, 1))
+    if spec.layout == "top_left":
+        return np.tile(rows, (B, 1)), np.tile(np.arange(Sk), (B, 1))
+    if spec.layout == "left_padded":
+        # Row b starts with pad[b] empty slots; its tokens are numbered from 0.
+        pad = rng.integers(0, Sk + 1, size=B)
+        k_pos = np.arange(Sk)[None, :] - pad[:, None]
+        k_pos = np.where(k_pos < 0, -1, k_pos)
+        q_pos = (Sk - pad)[:, None] - Sq + rows[None, :]
+        return q_pos, k_pos
+    if spec.layout == "scattered":
+        # Slots hold positions in any order, some empty: a ring buffer or a paged row.
+        k_pos = np.stack([rng.permutation(Sk) for _ in range(B)])
+        k_pos = np.where(rng.random((B, Sk)) < 0.25, -1, k_pos)
+        start = rng.integers(-1, Sk + 2, size=(B, 1)) - Sq
+        return start + rows[None, :], k_pos
+    raise ValueError(f"layout must be one of {LAYOUTS}; got {spec.layout!r}")
+
+
+def seen_slots(problem: Problem) -> np.ndarray:
+    """(B, Sk) booleans: which key slots at least one query of the row may see."""
+    s = problem.spec
+    q = problem.q_pos[:, :, None]
+    k = problem.k_pos[:, None, :]
+    visible = np.broadcast_to(k >= 0, (s.batch, s.q_len, s.k_len))
+    if s.causal:
+        visible = visible & (k <= q)
+    if s.window is not None:
+        visible = visible & (q - k < s.window)
+    visible = np.broadcast_to(visible[:, None], (s.batch, s.q_heads, s.q_len, s.k_len))
+    if problem.mask is not None:
+        visible = visible & problem.mask
+    return visible.any(axis=(1, 2))
+
+
+def _poison_unseen_slots(problem: Problem) -> None:
+    """NaN in k and v wherever no query of the row can look: it must never show."""
+    unseen = ~seen_slots(problem)  # (B, Sk)
+    problem.k = np.where(unseen[:, None, :, None], np.nan, problem.k)
+    problem.v = np.where(unseen[:, None, :, None], np.nan, problem.v)
+
+
+def random_spec(rng: np.random.Generator, *, seed: int | None = None) -> ProblemSpec:
+    """A spec drawn from a NumPy generator, every option switched on at random."""
+    kv_heads = int(rng.integers(1, 4))
+    k_len = int(rng.integers(0, 24))
+    return ProblemSpec(
+        batch=int(rng.integers(1, 4)),
+        q_heads=kv_heads * int(rng.integers(1, 4)),
+        kv_heads=kv_heads,
+        q_len=int(rng.integers(1, 12)),
+        k_len=k_len,
+        head_dim=int(rng.choice([1, 3, 8, 16, 24])),
+        value_dim=int(rng.choice([1, 5, 8, 16])),
+        causal=bool(rng.integers(2)),
+        layout=str(rng.choice(LAYOUTS)),
+        window=int(rng.integers(1, k_len + 3)) if rng.random() < 0.3 else None,
+        softcap=float(rng.uniform(1.0, 30.0)) if rng.random() < 0.25 else None,
+        alibi=bool(rng.random() < 0.25),
+        sinks=bool(rng.random() < 0.25),
+        mask=bool(rng.random() < 0.25),
+        bias=bool(rng.random() < 0.25),
+        scale=float(rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None,
+        logit_size=float(rng.choice([1.0, 1.0, 100.0, 1e4])),
+        poison=bool(rng.random() < 0.3),
+        seed=int(rng.integers(2**31)) if seed is None else seed,
+    )

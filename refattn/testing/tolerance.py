@@ -1,0 +1,159 @@
+r"""How close is close enough: every tolerance refattn uses, in one place.
+
+Two rules, both measured against an oracle computed in float64 on the inputs
+rounded to the dtype under test (rounding the inputs is the caller's choice,
+not an error of the implementation, so it is not charged to it).
+
+**The spec's own error bound.** A forward error analysis of the spec's
+algorithm in compute precision :math:`u_c` (unit roundoff; float32 for
+float16/bfloat16 inputs) with output precision :math:`u_t`:
+
+.. math::
+
+    E_s &= (D + 2)\, u_c \max_{ij} \text{scale} \textstyle\sum_d |q_{id}| |k_{jd}|
+          + 4 u_c \max |s_{ij}| \qquad \text{(error of one score)} \\
+    \rho &= e^{2 E_s} - 1 + (S_k + 4)\, u_c \qquad \text{(relative error of one weight)} \\
+    |o - o^*| &\le C \left(\rho + (S_k + 1) u_c\right) \max|v| + u_t \max|v| \\
+    |\text{lse} - \text{lse}^*| &\le C \left(E_s + (S_k + 3) u_c + u_c \max(1, |\text{lse}^*|)\right)
+
+with a safety factor :math:`C = 4`. :math:`\max|s|` covers the modifiers
+(softcap, ALiBi, bias, sink) as well. Every backend runs the same algorithm, so
+every backend must meet this bound.
+
+**The cross-implementation rule** (``../DESIGN``'s rule, as flash-attn's tests
+use it): a candidate in dtype :math:`t` passes when
+
+.. math::
+
+    \max |\text{candidate} - \text{oracle}| \le k_t \max |\text{spec}_t - \text{oracle}|
+        + \text{atol}_t \cdot \max(1, \max|v|)
+
+where :math:`\text{spec}_t` is the spec on NumPy in dtype :math:`t`.
+
+==========  =====  ============  ====================================
+dtype       k_t    atol_t        why atol_t
+==========  =====  ============  ====================================
+float64     2      1e-10         accumulation over short rows
+float32     2      1e-5          a few ulps of float32 after a sum
+float16     2      2^-9          two ulps of float16 output rounding
+bfloat16    2      2^-6          two ulps of bfloat16 output rounding
+==========  =====  ============  ====================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Unit roundoff (half the machine epsilon) of each dtype.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+#: The dtype the spec computes in for each input dtype.
+COMPUTE_DTYPE = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
+#: Safety factor on the first-order error bound.
+SAFETY = 4.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The cross-implementation rule for one dtype: ``k * spec_error + atol * scale``."""
+
+    k: float
+    atol: float
+
+    def allowed(self, spec_error: float, value_scale: float) -> float:
+        return self.k * spec_error + self.atol * max(1.0, value_scale)
+
+
+TOLERANCES = {
+    "float64": Tolerance(k=2.0, atol=1e-10),
+    "float32": Tolerance(k=2.0, atol=1e-5),
+    "float16": Tolerance(k=2.0, atol=2.0**-9),
+    "bfloat16": Tolerance(k=2.0, atol=2.0**-6),
+}
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """The spec's forward error bound for one problem: on out, and on finite lse."""
+
+    out: float
+    lse: float
+
+
+def spec_error_bound(
+    arrays: dict[str, np.ndarray], *, dtype: str, scale: float | None = None, lse_scale: float = 1.0
+) -> ErrorBound:
+    """The error bound of the module docstring for inputs already rounded to ``dtype``.
+
+    Parameters
+    ----------
+    arrays : the float64 arrays of the call: ``q, k, v`` and any of ``q_pos, k_pos,
+        bias, alibi_slopes, sink_logits``
+    dtype : the dtype the spec ran in
+    scale : the score scale (default ``1/sqrt(D)``)
+    lse_scale : the largest finite ``|lse|`` of the reference
+    """
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    u_c = UNIT_ROUNDOFF[COMPUTE_DTYPE[dtype]]
+    u_t = UNIT_ROUNDOFF[dtype]
+    D, Sk = q.shape[-1], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 0.0
+    dot = abs(scale) * _max_abs_dot(q, k)
+    e_s = (D + 2) * u_c * dot + 4 * u_c * _max_abs_score(arrays, dot)
+    rho = math.expm1(min(2 * e_s, 50.0)) + (Sk + 4) * u_c
+    v_max = _finite_max_abs(v)
+    out = SAFETY * (rho + (Sk + 1) * u_c) * v_max + u_t * v_max
+    lse = SAFETY * (e_s + (Sk + 3) * u_c + u_c * max(1.0, lse_scale))
+    return ErrorBound(out=out + 1e-300, lse=lse)
+
+
+def _max_abs_score(arrays: dict[str, np.ndarray], dot: float) -> float:
+    """An upper bound on ``|s|`` after every modifier: dot, ALiBi, bias and sink."""
+    total = dot
+    if "alibi_slopes" in arrays and "q_pos" in arrays and "k_pos" in arrays:
+        q_pos, k_pos = arrays["q_pos"], arrays["k_pos"]
+        reach = 0
+        if q_pos.size and k_pos.size:
+            reach = int(np.abs(q_pos).max() + np.abs(k_pos).max())
+        total += _finite_max_abs(arrays["alibi_slopes"]) * reach
+    for name in ("bias", "sink_logits"):
+        if name in arrays:
+            total += _finite_max_abs(arrays[name])
+    return total
+
+
+def _max_abs_dot(q: np.ndarray, k: np.ndarray) -> float:
+    """``max_ij sum_d |q_id| |k_jd|`` with query head h reading KV head h // G."""
+    if q.size == 0 or k.size == 0:
+        return 0.0
+    group = q.shape[1] // k.shape[1]
+    k_abs = np.repeat(np.abs(k), group, axis=1)
+    return float(np.nan_to_num(np.abs(q) @ np.swapaxes(k_abs, -1, -2)).max())
+
+
+def _finite_max_abs(x: Any) -> float:
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    x = x[np.isfinite(x)]
+    return float(x.max()) if x.size else 0.0
+
+
+def max_abs_error(candidate: Any, reference: Any) -> float:
+    """``max |candidate - reference|``, where both being -inf (or both NaN) counts as equal.
+
+    A NaN or an infinity in one but not the other is an infinite error.
+    """
+    a = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"candidate has shape {a.shape} but reference has {b.shape}")
+    if a.size == 0:
+        return 0.0
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):  # inf - inf where only one side is infinite
+        diff = np.where(same, 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    return float(diff.max())
