@@ -73,7 +73,7 @@ class Backend(ABC):
         return None
 
     def _rounded(self, x: np.ndarray, dtype: str) -> np.ndarray:
-        """Floats rounded to ``dtype`` (as float32 for bfloat16, exactly); integers and bools kept."""
+        """Floats rounded to ``dtype`` (bfloat16 held exactly as float32); ints and bools kept."""
         if x.dtype.kind in "biu":
             return x
         rounded = round_to(x, dtype)

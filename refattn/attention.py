@@ -6,14 +6,7 @@ import math
 
 from array_api_compat import device
 
-from refattn.checks import (
-    check_bias,
-    check_mask,
-    check_per_head,
-    check_positions,
-    check_qkv,
-    check_scalars,
-)
+from refattn.checks import check_modifiers, check_positions, check_qkv, check_scalars
 from refattn.namespace import Array, Namespace, compute_dtype, namespace_of
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
 from refattn.scores import alibi_bias, group_heads, scaled_scores, softcap_scores
@@ -128,6 +121,7 @@ def attention(
 
     q_pos = _positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on))
     k_pos = _positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on))
+    check_modifiers(xp, shape, mask=mask, bias=bias, alibi_slopes=alibi_slopes, sinks=sink_logits)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = (_cast(xp, x, dtype) for x in (q, k, v))
 
@@ -136,23 +130,19 @@ def attention(
     if softcap is not None:
         s = softcap_scores(xp, s, softcap)
     if alibi_slopes is not None:
-        check_per_head(xp, "alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))
         slopes = xp.reshape(_cast(xp, alibi_slopes, dtype), (-1, Hkv, G))  # (B or 1, Hkv, G)
         s = s + alibi_bias(xp, slopes, q_pos, k_pos)  # (B, Hkv, G, Sq, Sk)
     if bias is not None:
-        check_bias(xp, bias, shape)
         s = s + group_heads(xp, _cast(xp, bias, dtype), Hkv)  # (B, Hkv, G, Sq, Sk)
 
     # Which keys each query sees: positions, then the explicit mask.
     visible = visibility(xp, q_pos, k_pos, causal=causal, window=window)
     visible = visible[:, None, None, :, :]  # (B, 1, 1, Sq, Sk)
     if mask is not None:
-        check_mask(xp, mask, shape)
         visible = visible & group_heads(xp, mask, Hkv)  # (B, Hkv, G, Sq, Sk)
 
     sink = None
     if sink_logits is not None:
-        check_per_head(xp, "sink_logits", sink_logits, ((Hq,),))
         sink = xp.reshape(_cast(xp, sink_logits, dtype), (1, Hkv, G, 1, 1))
 
     p, lse = masked_softmax(xp, s, visible, sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)

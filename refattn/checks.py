@@ -36,9 +36,7 @@ def check_qkv(xp: Namespace, q: Array, k: Array, v: Array) -> None:
         raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            f"k has {Hkv} heads but q has {Hq}; q heads must be a multiple of k heads"
-        )
+        raise ValueError(f"k has {Hkv} heads but q has {Hq}; q heads must be a multiple of k heads")
     if k.shape[3] != D:
         raise ValueError(f"k has head dim {k.shape[3]} but q has {D}; they must match")
     if k.shape[2] != v.shape[2]:
@@ -63,8 +61,7 @@ def check_positions(xp: Namespace, name: str, pos: Array, batch: int, length: in
     shape = tuple(pos.shape)
     if shape not in ((batch, length), (1, length), (length,)):
         raise ValueError(
-            f"{name} must have shape ({batch}, {length}), (1, {length}) or ({length},); "
-            f"got {shape}"
+            f"{name} must have shape ({batch}, {length}), (1, {length}) or ({length},); got {shape}"
         )
 
 
@@ -72,12 +69,34 @@ def check_broadcastable(name: str, x: Array, target: tuple[int, ...]) -> None:
     """``x`` must broadcast to ``target`` (B, Hq, Sq, Sk) without being enlarged."""
     shape = tuple(x.shape)
     fits = len(shape) <= len(target) and all(
-        given in (1, wanted) for given, wanted in zip(reversed(shape), reversed(target))
+        given in (1, wanted)
+        for given, wanted in zip(reversed(shape), reversed(target), strict=False)
     )
     if not fits:
         raise ValueError(
             f"{name} must be broadcastable to (B, Hq, Sq, Sk) = {target}; got shape {shape}"
         )
+
+
+def check_modifiers(
+    xp: Namespace,
+    shape: tuple[int, int, int, int],
+    *,
+    mask: Array | None,
+    bias: Array | None,
+    alibi_slopes: Array | None,
+    sinks: Array | None,
+) -> None:
+    """The optional arrays of ``attention``, checked against (B, Hq, Sq, Sk)."""
+    B, Hq, _, _ = shape
+    if mask is not None:
+        check_mask(xp, mask, shape)
+    if bias is not None:
+        check_bias(xp, bias, shape)
+    if alibi_slopes is not None:
+        check_per_head(xp, "alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))
+    if sinks is not None:
+        check_per_head(xp, "sink_logits", sinks, ((Hq,),))
 
 
 def check_mask(xp: Namespace, mask: Array, target: tuple[int, ...]) -> None:
@@ -92,9 +111,7 @@ def check_bias(xp: Namespace, bias: Array, target: tuple[int, ...]) -> None:
     check_broadcastable("bias", bias, target)
 
 
-def check_per_head(
-    xp: Namespace, name: str, x: Array, shapes: tuple[tuple[int, ...], ...]
-) -> None:
+def check_per_head(xp: Namespace, name: str, x: Array, shapes: tuple[tuple[int, ...], ...]) -> None:
     """ALiBi slopes and sink logits: floating arrays of one of the allowed shapes."""
     if not is_floating(xp, x.dtype):
         raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
@@ -111,10 +128,10 @@ def check_scalars(scale: Any, window: Any, softcap: Any) -> None:
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, Integral):
             raise TypeError(f"window must be an integer >= 1 or None; got {window!r}")
-        if window < 1:
+        if int(window) < 1:
             raise ValueError(f"window must be >= 1 (the query itself counts); got {window}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, Real):
             raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
-        if not (softcap > 0 and math.isfinite(softcap)):
+        if not (float(softcap) > 0 and math.isfinite(softcap)):
             raise ValueError(f"softcap must be finite and > 0; got {softcap}")

@@ -33,7 +33,9 @@ def _case_params() -> list[object]:
         else:
             reason = backend.unavailable_reason() or ""
         if reason:
-            params.append(pytest.param(None, id=backend.name, marks=pytest.mark.skip(reason=reason)))
+            params.append(
+                pytest.param(None, id=backend.name, marks=pytest.mark.skip(reason=reason))
+            )
             continue
         for device in backend.devices():
             for dtype in backend.dtypes(device):
@@ -45,4 +47,5 @@ def _case_params() -> list[object]:
 @pytest.fixture(params=_case_params())
 def case(request: pytest.FixtureRequest) -> Case:
     """One (backend, device, dtype) the spec runs in."""
-    return request.param  # type: ignore[no-any-return]
+    case: Case = request.param
+    return case

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from refattn.backends import Case
 from refattn.testing.agreement import measure, rounded_arrays, run_spec
 from refattn.testing.problems import ProblemSpec, build_problem, seen_slots
-
 from refattn.tests.oracle import oracle_attention
 from refattn.tests.strategies import problem_specs
 

@@ -21,7 +21,13 @@ from refattn.attention import attention
 from refattn.backends import BACKENDS, Case
 from refattn.backends.base import round_to
 from refattn.testing.problems import Problem
-from refattn.testing.tolerance import TOLERANCES, max_abs_error, spec_error_bound
+from refattn.testing.tolerance import (
+    TOLERANCES,
+    ErrorBound,
+    finite_max_abs,
+    max_abs_error,
+    spec_error_bound,
+)
 
 Oracle = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -75,15 +81,14 @@ def measure(problem: Problem, case: Case, oracle: Oracle) -> Agreement:
     scalars = problem.scalars()
     ref_out, ref_lse = oracle(**arrays, **scalars)
     out, lse = run_spec(case, arrays, scalars)
-    finite_lse = np.abs(ref_lse[np.isfinite(ref_lse)])
-    lse_scale = float(finite_lse.max()) if finite_lse.size else 1.0
-    bound = spec_error_bound(arrays, dtype=case.dtype, scale=scalars["scale"], lse_scale=lse_scale)
+    bound = _bound(arrays, case.dtype, scalars, ref_lse)
     allowed, lse_allowed = bound.out, bound.lse
     if case.backend.name != "numpy":
         spec_out, spec_lse = run_spec(Case(BACKENDS["numpy"], "cpu", case.dtype), arrays, scalars)
         rule = TOLERANCES[case.dtype]
-        v_scale = float(np.nan_to_num(np.abs(arrays["v"]), posinf=0.0).max(initial=0.0))
+        v_scale = finite_max_abs(arrays["v"])
         allowed = min(allowed, rule.allowed(max_abs_error(spec_out, ref_out), v_scale))
+        lse_scale = max(1.0, finite_max_abs(ref_lse))
         lse_allowed = min(lse_allowed, rule.allowed(max_abs_error(spec_lse, ref_lse), lse_scale))
     return Agreement(
         error=max_abs_error(out, ref_out),
@@ -91,3 +96,58 @@ def measure(problem: Problem, case: Case, oracle: Oracle) -> Agreement:
         lse_error=max_abs_error(lse, ref_lse),
         lse_allowed=lse_allowed,
     )
+
+
+def measure_decode(problem: Problem, chunks: list[int], case: Case, oracle: Oracle) -> Agreement:
+    """Decode ``problem`` chunk by chunk and compare with the oracle's full causal pass.
+
+    Each chunk's queries attend to every key and value seen so far (kept by
+    plain concatenation, which is what a cache stores); the chunk outputs,
+    concatenated, must equal causal attention over the whole sequence. The
+    problem must have ``q_len == k_len`` and no mask or bias (they are shaped
+    for the full pass). Positions are passed only when they are not the
+    defaults, so the default bottom-right alignment is what a chunk relies on.
+    """
+    if (
+        problem.q.shape[2] != problem.k.shape[2]
+        or problem.mask is not None
+        or problem.bias is not None
+    ):
+        raise ValueError("a decode problem needs q_len == k_len and no mask or bias")
+    if sum(chunks) != problem.q.shape[2]:
+        raise ValueError(f"chunks must add up to {problem.q.shape[2]}; got {chunks}")
+    arrays = rounded_arrays(problem, case.dtype)
+    scalars = {**problem.scalars(), "causal": True}
+    ref_out, ref_lse = oracle(**arrays, **scalars)
+    default_positions = problem.spec.layout == "bottom_right"
+    outs, lses, end = [], [], 0
+    for size in chunks:
+        start, end = end, end + size
+        chunk = {
+            **arrays,
+            "q": arrays["q"][:, :, start:end],  # this chunk's queries only
+            "k": arrays["k"][:, :, :end],  # every key so far
+            "v": arrays["v"][:, :, :end],
+            "q_pos": arrays["q_pos"][:, start:end],
+            "k_pos": arrays["k_pos"][:, :end],
+        }
+        if default_positions:
+            del chunk["q_pos"], chunk["k_pos"]
+        out, lse = run_spec(case, chunk, scalars)
+        outs.append(out)
+        lses.append(lse)
+    decoded, decoded_lse = np.concatenate(outs, axis=2), np.concatenate(lses, axis=2)
+    bound = _bound(arrays, case.dtype, scalars, ref_lse)
+    return Agreement(
+        error=max_abs_error(decoded, ref_out),
+        allowed=bound.out,
+        lse_error=max_abs_error(decoded_lse, ref_lse),
+        lse_allowed=bound.lse,
+    )
+
+
+def _bound(
+    arrays: dict[str, np.ndarray], dtype: str, scalars: dict[str, Any], ref_lse: np.ndarray
+) -> ErrorBound:
+    lse_scale = max(1.0, finite_max_abs(ref_lse))
+    return spec_error_bound(arrays, dtype=dtype, scale=scalars["scale"], lse_scale=lse_scale)

@@ -145,7 +145,7 @@ def seen_slots(problem: Problem) -> np.ndarray:
     visible = np.broadcast_to(visible[:, None], (s.batch, s.q_heads, s.q_len, s.k_len))
     if problem.mask is not None:
         visible = visible & problem.mask
-    return visible.any(axis=(1, 2))
+    return np.asarray(visible.any(axis=(1, 2)))
 
 
 def _poison_unseen_slots(problem: Problem) -> None:

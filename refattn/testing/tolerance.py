@@ -14,7 +14,8 @@ float16/bfloat16 inputs) with output precision :math:`u_t`:
           + 4 u_c \max |s_{ij}| \qquad \text{(error of one score)} \\
     \rho &= e^{2 E_s} - 1 + (S_k + 4)\, u_c \qquad \text{(relative error of one weight)} \\
     |o - o^*| &\le C \left(\rho + (S_k + 1) u_c\right) \max|v| + u_t \max|v| \\
-    |\text{lse} - \text{lse}^*| &\le C \left(E_s + (S_k + 3) u_c + u_c \max(1, |\text{lse}^*|)\right)
+    |\text{lse} - \text{lse}^*| &\le
+        C \left(E_s + (S_k + 3) u_c + u_c \max(1, |\text{lse}^*|)\right)
 
 with a safety factor :math:`C = 4`. :math:`\max|s|` covers the modifiers
 (softcap, ALiBi, bias, sink) as well. Every backend runs the same algorithm, so
@@ -51,7 +52,12 @@ import numpy as np
 #: Unit roundoff (half the machine epsilon) of each dtype.
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 #: The dtype the spec computes in for each input dtype.
-COMPUTE_DTYPE = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
+COMPUTE_DTYPE = {
+    "float64": "float64",
+    "float32": "float32",
+    "float16": "float32",
+    "bfloat16": "float32",
+}
 #: Safety factor on the first-order error bound.
 SAFETY = 4.0
 
@@ -105,7 +111,7 @@ def spec_error_bound(
     dot = abs(scale) * _max_abs_dot(q, k)
     e_s = (D + 2) * u_c * dot + 4 * u_c * _max_abs_score(arrays, dot)
     rho = math.expm1(min(2 * e_s, 50.0)) + (Sk + 4) * u_c
-    v_max = _finite_max_abs(v)
+    v_max = finite_max_abs(v)
     out = SAFETY * (rho + (Sk + 1) * u_c) * v_max + u_t * v_max
     lse = SAFETY * (e_s + (Sk + 3) * u_c + u_c * max(1.0, lse_scale))
     return ErrorBound(out=out + 1e-300, lse=lse)
@@ -119,10 +125,10 @@ def _max_abs_score(arrays: dict[str, np.ndarray], dot: float) -> float:
         reach = 0
         if q_pos.size and k_pos.size:
             reach = int(np.abs(q_pos).max() + np.abs(k_pos).max())
-        total += _finite_max_abs(arrays["alibi_slopes"]) * reach
+        total += finite_max_abs(arrays["alibi_slopes"]) * reach
     for name in ("bias", "sink_logits"):
         if name in arrays:
-            total += _finite_max_abs(arrays[name])
+            total += finite_max_abs(arrays[name])
     return total
 
 
@@ -135,7 +141,8 @@ def _max_abs_dot(q: np.ndarray, k: np.ndarray) -> float:
     return float(np.nan_to_num(np.abs(q) @ np.swapaxes(k_abs, -1, -2)).max())
 
 
-def _finite_max_abs(x: Any) -> float:
+def finite_max_abs(x: Any) -> float:
+    """``max |x|`` over the finite entries, 0 when there are none."""
     x = np.abs(np.asarray(x, dtype=np.float64))
     x = x[np.isfinite(x)]
     return float(x.max()) if x.size else 0.0
