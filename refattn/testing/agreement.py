@@ -50,10 +50,11 @@ class Agreement:
     @property
     def ratio(self) -> float:
         """How much of the allowance was used (> 1 fails)."""
-        return max(_ratio(self.error, self.allowed), _ratio(self.lse_error, self.lse_allowed))
+        return max(share(self.error, self.allowed), share(self.lse_error, self.lse_allowed))
 
 
-def _ratio(error: float, allowed: float) -> float:
+def share(error: float, allowed: float) -> float:
+    """``error / allowed``, with 0 / 0 = 0 and anything / 0 = inf."""
     return 0.0 if error == 0 else error / allowed if allowed > 0 else float("inf")
 
 

@@ -1,0 +1,158 @@
+"""``refattn verify``: the spec on every available backend and dtype, against the loop oracle.
+
+Two properties per (backend, device, dtype):
+
+* ``= oracle``: random attention problems, every option drawn, compared with
+  the independent float64 loop oracle under refattn's tolerance rules;
+* ``decode = full``: random sequences decoded in random chunks, compared with
+  the oracle's full causal pass.
+
+Problems come from a seeded NumPy generator, so a run is repeatable and a
+failing row names a problem that can be rebuilt from its spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from refattn.backends import BACKENDS, Case, selected
+from refattn.backends import cases as all_cases
+from refattn.testing.agreement import Agreement, Oracle, measure, measure_decode, share
+from refattn.testing.problems import ProblemSpec, build_problem, random_spec
+
+
+@dataclass
+class Row:
+    """One line of the verify table."""
+
+    case: Case
+    check: str
+    cases: int = 0
+    worst_out: Agreement | None = None  # the largest error / allowed on the output
+    used: float = 0.0  # the largest share of the allowance used, output or lse
+    failures: list[ProblemSpec] = field(default_factory=list)
+
+    def add(self, spec: ProblemSpec, agreement: Agreement) -> None:
+        self.cases += 1
+        out_ratio = share(agreement.error, agreement.allowed)
+        if self.worst_out is None or out_ratio > share(
+            self.worst_out.error, self.worst_out.allowed
+        ):
+            self.worst_out = agreement
+        self.used = max(self.used, agreement.ratio)
+        if not agreement.passed:
+            self.failures.append(spec)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def decode_spec(rng: np.random.Generator) -> tuple[ProblemSpec, list[int]]:
+    """A causal self-attention sequence (maybe left padded) and a chunk schedule."""
+    n = int(rng.integers(1, 24))
+    spec = replace(
+        random_spec(rng),
+        q_len=n,
+        k_len=n,
+        causal=True,
+        layout=str(rng.choice(["bottom_right", "left_padded"])),
+        mask=False,
+        bias=False,
+    )
+    prefill = int(rng.integers(0, n + 1))
+    chunks = [prefill] if prefill else []
+    while sum(chunks) < n:
+        chunks.append(int(rng.integers(1, n - sum(chunks) + 1)))
+    return spec, chunks
+
+
+def run(
+    cases: Iterable[Case],
+    oracle: Oracle,
+    *,
+    problems: int = 100,
+    sequences: int = 30,
+    seed: int = 0,
+    progress: Callable[[Row], None] | None = None,
+) -> list[Row]:
+    """Check every case on the same problems; return one row per case and property."""
+    rng = np.random.default_rng(seed)
+    attention_specs = [random_spec(rng) for _ in range(problems)]
+    decode_specs = [decode_spec(rng) for _ in range(sequences)]
+    rows = []
+    for case in cases:
+        row = Row(case, "= oracle")
+        for spec in attention_specs:
+            row.add(spec, measure(build_problem(spec), case, oracle))
+        rows.append(row)
+        decode_row = Row(case, "decode = full")
+        for spec, chunks in decode_specs:
+            decode_row.add(spec, measure_decode(build_problem(spec), chunks, case, oracle))
+        rows.append(decode_row)
+        if progress is not None:
+            progress(decode_row)
+    return rows
+
+
+def format_table(rows: list[Row], skipped: dict[str, str]) -> str:
+    """The verify table, then the skipped backends and the first failing problem of each row.
+
+    ``max error`` and ``allowed`` are those of the problem whose output came
+    closest to its bound; ``used`` is the largest share of a bound used by any
+    problem, output or lse (over 100% fails).
+    """
+    header = (
+        "backend", "device", "dtype", "property", "cases", "max error", "allowed", "used", "verdict"
+    )  # fmt: skip
+    lines = [header]
+    for row in rows:
+        worst = row.worst_out
+        error = "-" if worst is None else f"{worst.error:.2e}"
+        allowed = "-" if worst is None else f"{worst.allowed:.2e}"
+        verdict = "pass" if row.passed else f"FAIL ({len(row.failures)})"
+        c = row.case
+        cells = (c.backend.name, c.device, c.dtype, row.check, str(row.cases))
+        lines.append((*cells, error, allowed, f"{row.used:.0%}", verdict))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    for name, reason in skipped.items():
+        text.append(f"{name}: skipped ({reason})")
+    for row in rows:
+        if row.failures:
+            text.append(f"first failure of {row.case.id} {row.check}: {row.failures[0]}")
+    return "\n".join(text)
+
+
+def main(*, problems: int, sequences: int, seed: int) -> int:
+    """Run verify on every selected backend; print the table; 0 if everything passed."""
+    from refattn.tests.oracle import oracle_attention
+
+    chosen = selected()
+    skipped = {b.name: b.unavailable_reason() or "" for b in chosen if not b.available()}
+    unselected = sorted(set(BACKENDS) - {b.name for b in chosen})
+    skipped |= {name: "not in REFATTN_BACKENDS" for name in unselected}
+    cases = all_cases()
+    print(
+        f"refattn verify: {len(cases)} backend/device/dtype cases, {problems} problems "
+        f"and {sequences} chunked sequences each, seed {seed}",
+        flush=True,
+    )
+    rows = run(
+        cases,
+        oracle_attention,
+        problems=problems,
+        sequences=sequences,
+        seed=seed,
+        progress=lambda row: print(f"  checked {row.case.id}", flush=True),
+    )
+    print(format_table(rows, skipped))
+    failed = [row for row in rows if not row.passed]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

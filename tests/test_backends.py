@@ -1,0 +1,86 @@
+"""The backend adapters: availability, narrowing, dtypes, conversion and devices."""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+import pytest
+
+from refattn import attention
+from refattn.backends import BACKENDS, Case, cases, get, selected
+from refattn.backends.base import round_to
+
+
+def test_refattn_backends_narrows_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFATTN_BACKENDS", "numpy, torch")
+    assert [b.name for b in selected()] == ["numpy", "torch"]
+    assert {c.backend.name for c in cases()} <= {"numpy", "torch"}
+    monkeypatch.setenv("REFATTN_BACKENDS", "numpy,jax")
+    with pytest.raises(ValueError, match=r"backend must be one of .*; got 'jax'"):
+        selected()
+
+
+def test_unselected_and_missing_backends_become_skipped_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from refattn.tests.conftest import _case_params
+
+    monkeypatch.setenv("REFATTN_BACKENDS", "numpy")
+    params = _case_params()
+    ids = [p.id for p in params]
+    assert "numpy-cpu-float32" in ids
+    skipped = {p.id for p in params if p.marks}
+    assert skipped == set(BACKENDS) - {"numpy"}
+
+
+def test_cupy_without_a_gpu_is_unavailable_with_a_reason() -> None:
+    cupy = get("cupy")
+    if cupy.available():
+        pytest.skip("a GPU is usable here")
+    assert isinstance(cupy.unavailable_reason(), str)
+    assert "cupy" not in {c.backend.name for c in cases()}
+
+
+def test_every_backend_receives_identically_rounded_inputs(case: Case) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 5)) * 100
+    back = case.backend.to_numpy(case.backend.asarray(x, dtype=case.dtype, device=case.device))
+    expected = round_to(x, case.dtype).astype(np.float64)
+    np.testing.assert_array_equal(back.astype(np.float64), expected)
+    ints = np.arange(4)
+    back_ints = case.backend.to_numpy(
+        case.backend.asarray(ints, dtype=case.dtype, device=case.device)
+    )
+    np.testing.assert_array_equal(back_ints, ints)
+
+
+def test_output_keeps_dtype_and_device_and_lse_is_in_the_compute_dtype(case: Case) -> None:
+    rng = np.random.default_rng(2)
+    q, k, v = (
+        case.backend.asarray(rng.standard_normal(s), dtype=case.dtype, device=case.device)
+        for s in ((2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 6))
+    )
+    out, lse = attention(q, k, v, causal=True, return_lse=True)
+    assert out.dtype == q.dtype
+    xp = array_api_compat.array_namespace(q)
+    low = case.dtype in ("float16", "bfloat16")
+    assert lse.dtype == (xp.float32 if low else q.dtype)
+    assert array_api_compat.device(out) == array_api_compat.device(q)
+    assert array_api_compat.device(lse) == array_api_compat.device(q)
+    case.backend.synchronize(case.device)
+
+
+def test_low_precision_is_computed_in_float32_then_rounded(case: Case) -> None:
+    """attention(x16) is exactly attention(float32(x16)) rounded back to 16 bits."""
+    if case.dtype not in ("float16", "bfloat16"):
+        pytest.skip("only float16 and bfloat16 are upcast")
+    rng = np.random.default_rng(3)
+    shapes = ((1, 2, 4, 8), (1, 1, 6, 8), (1, 1, 6, 8))
+    low = [
+        case.backend.asarray(rng.standard_normal(s), dtype=case.dtype, device=case.device)
+        for s in shapes
+    ]
+    xp = array_api_compat.array_namespace(low[0])
+    wide = [xp.astype(x, xp.float32) for x in low]
+    direct = attention(*low, causal=True)
+    upcast = xp.astype(attention(*wide, causal=True), low[0].dtype)
+    np.testing.assert_array_equal(case.backend.to_numpy(direct), case.backend.to_numpy(upcast))
