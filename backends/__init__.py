@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from refattn.backends.base import DTYPE_NAMES, Backend
+from refattn.backends.base import Backend
 from refattn.backends.cupy import CupyBackend
 from refattn.backends.numpy import NumpyBackend
 from refattn.backends.strict import StrictBackend
@@ -25,7 +25,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (NumpyBackend(), StrictBackend(), TorchBackend(), CupyBackend())
 }
 
-__all__ = ["BACKENDS", "DTYPE_NAMES", "Backend", "Case", "cases", "get", "selected"]
+__all__ = ["BACKENDS", "Backend", "Case", "cases", "get", "selected"]
 
 
 class Case(NamedTuple):

@@ -8,9 +8,6 @@ from typing import Any
 
 import numpy as np
 
-#: Floating dtypes by name, from widest to narrowest.
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-
 
 def numpy_dtype(name: str) -> Any:
     """The NumPy dtype for a name; bfloat16 comes from ml_dtypes."""

@@ -70,8 +70,13 @@ def test_console_script_runs() -> None:
 
 def test_wheel_maps_backends_under_refattn(tmp_path: Path) -> None:
     """A plain (non-editable) build puts backends/ at refattn/backends/, nowhere else."""
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "refattn", "backends", "tests"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )

@@ -16,7 +16,7 @@ softmax without max subtraction, and NaN planted in slots no query can see.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,6 @@ class ProblemSpec:
     logit_size: float = 1.0
     poison: bool = False
     seed: int = 0
-
-    def options(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
 
 
 @dataclass
