@@ -25,6 +25,7 @@ def attention(
     bias: Array | None = None,
     scale: float | None = None,
     window: int | None = None,
+    sink_tokens: int = 0,
     softcap: float | None = None,
     alibi_slopes: Array | None = None,
     sink_logits: Array | None = None,
@@ -45,7 +46,7 @@ def attention(
             && \text{ALiBi slope } m_h \\
         V_i &= \{ j : k^{pos}_j \ge 0,\ \text{mask}_{ij},\
             \text{causal} \Rightarrow k^{pos}_j \le q^{pos}_i,\
-            q^{pos}_i - k^{pos}_j < W \} \\
+            q^{pos}_i - k^{pos}_j < W \vee k^{pos}_j < n_{sink} \} \\
         Z_i &= \textstyle\sum_{j \in V_i} e^{s_{ij}} + e^{\sigma_h}
             && \text{sink logit } \sigma_h \text{, if given} \\
         o_i &= \textstyle\sum_{j \in V_i} (e^{s_{ij}} / Z_i)\, v_j,
@@ -74,6 +75,11 @@ def attention(
     window : int >= 1, optional
         Keep only keys with ``q_pos - k_pos < window``: the last ``window``
         positions, the query's own included (flash-attn's ``window_size=(window-1, 0)``).
+    sink_tokens : int >= 0
+        With a window, keys at positions below ``sink_tokens`` stay visible
+        however old (attention sinks, StreamingLLM; what a
+        ``SlidingWindowCache(sink_tokens=...)`` keeps). Not to be confused with
+        ``sink_logits``.
     softcap : float > 0, optional
     alibi_slopes : (Hq,) or (B, Hq) array, optional
     sink_logits : (Hq,) array, optional
@@ -111,7 +117,7 @@ def attention(
         alibi_slopes=alibi_slopes, sink_logits=sink_logits,
     )  # fmt: skip
     check_qkv(xp, q, k, v)
-    check_scalars(scale, window, softcap)
+    check_scalars(scale, window, softcap, sink_tokens)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     G = Hq // Hkv
@@ -136,7 +142,7 @@ def attention(
         s = s + group_heads(xp, _cast(xp, bias, dtype), Hkv)  # (B, Hkv, G, Sq, Sk)
 
     # Which keys each query sees: positions, then the explicit mask.
-    visible = visibility(xp, q_pos, k_pos, causal=causal, window=window)
+    visible = visibility(xp, q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
     visible = visible[:, None, None, :, :]  # (B, 1, 1, Sq, Sk)
     if mask is not None:
         visible = visible & group_heads(xp, mask, Hkv)  # (B, Hkv, G, Sq, Sk)

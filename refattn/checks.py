@@ -120,7 +120,7 @@ def check_per_head(xp: Namespace, name: str, x: Array, shapes: tuple[tuple[int, 
         raise ValueError(f"{name} must have shape {expected}; got {tuple(x.shape)}")
 
 
-def check_scalars(scale: Any, window: Any, softcap: Any) -> None:
+def check_scalars(scale: Any, window: Any, softcap: Any, sink_tokens: Any = 0) -> None:
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
     ):
@@ -130,6 +130,8 @@ def check_scalars(scale: Any, window: Any, softcap: Any) -> None:
             raise TypeError(f"window must be an integer >= 1 or None; got {window!r}")
         if int(window) < 1:
             raise ValueError(f"window must be >= 1 (the query itself counts); got {window}")
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, Integral) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an integer >= 0; got {sink_tokens!r}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, Real):
             raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")

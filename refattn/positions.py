@@ -9,8 +9,11 @@ alone:
 
     \\text{visible}(i, j) = [k_j \\ge 0]
         \\wedge [\\text{causal} \\Rightarrow k_j \\le q_i]
-        \\wedge [W \\ne \\text{None} \\Rightarrow q_i - k_j < W]
+        \\wedge [W \\ne \\text{None} \\Rightarrow q_i - k_j < W \\vee k_j < n_{sink}]
         \\wedge \\text{mask}_{ij}
+
+With ``sink_tokens`` (StreamingLLM's attention sinks) the first positions stay
+visible through any window.
 
 The defaults put the queries at the end of the keys (bottom-right alignment,
 the KV-cache convention of flash-attn and FlashInfer): ``k_pos = arange(Sk)``
@@ -53,6 +56,7 @@ def visibility(
     *,
     causal: bool,
     window: int | None,
+    sink_tokens: int = 0,
 ) -> Array:
     """Which key each query may see, from positions alone.
 
@@ -62,6 +66,7 @@ def visibility(
     k_pos : (B, Sk) integer array, negative for empty slots
     causal : keys at later positions than the query are invisible
     window : if set, only keys with ``q_pos - k_pos < window`` are visible
+    sink_tokens : with a window, keys at positions below this stay visible (attention sinks)
 
     Returns
     -------
@@ -80,6 +85,9 @@ def visibility(
     if causal:
         visible = visible & (k <= q)  # (B, Sq, Sk)
     if window is not None:
-        visible = visible & (q - k < window)  # (B, Sq, Sk)
+        in_window = q - k < window  # (B, Sq, Sk)
+        if sink_tokens:
+            in_window = in_window | (k < sink_tokens)  # the first tokens stay in view
+        visible = visible & in_window  # (B, Sq, Sk)
     n_batch = max(q_pos.shape[0], k_pos.shape[0])
     return xp.broadcast_to(visible, (n_batch, q_pos.shape[1], k_pos.shape[1]))

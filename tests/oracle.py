@@ -15,7 +15,8 @@ The contract, in the order it is applied to a visible pair (query ``i``, key
 2. softcap ``c``: ``s = c * tanh(s / c)``;
 3. ALiBi: ``s -= slope[b, h] * |q_pos[b, i] - k_pos[b, j]|``;
 4. additive bias: ``s += bias[b, h, i, j]``;
-5. invisible keys (mask False, causal, window, ``k_pos < 0``) are dropped;
+5. invisible keys (mask False, causal, window unless ``k_pos < sink_tokens``,
+   ``k_pos < 0``) are dropped;
 6. a per-head sink logit joins the softmax denominator but carries no value.
 
 Then ``Z = sum_j exp(s_j) (+ exp(sink_h))``, ``out = sum_j exp(s_j) / Z * v_j``
@@ -113,6 +114,7 @@ def oracle_attention(
     bias: Any = None,
     scale: float | None = None,
     window: int | None = None,
+    sink_tokens: int = 0,
     softcap: float | None = None,
     alibi_slopes: Any = None,
     sink_logits: Any = None,
@@ -144,6 +146,9 @@ def oracle_attention(
         Score scale; defaults to ``1 / sqrt(D)``.
     window : int, optional
         If given, a key is visible only when ``q_pos[i] - k_pos[j] < window``.
+    sink_tokens : int, optional
+        With a window, keys at positions below ``sink_tokens`` stay visible
+        however far back they are (attention sinks, StreamingLLM).
     softcap : float, optional
         If given, scores become ``softcap * tanh(score / softcap)``.
     alibi_slopes : array_like, optional
@@ -254,7 +259,8 @@ def oracle_attention(
                             continue
                         if causal and kpos > qpos:
                             continue
-                        if win is not None and not (qpos - kpos < win):
+                        outside_window = win is not None and not (qpos - kpos < win)
+                        if outside_window and not kpos < sink_tokens:
                             continue
                         if mask_row is not None and not mask_row[j]:
                             continue

@@ -33,6 +33,7 @@ def problem_specs(
         causal=draw(st.booleans()) if causal is None else causal,
         layout=draw(st.sampled_from(layouts)),
         window=draw(st.none() | st.integers(1, k_len + 2)) if options else None,
+        sink_tokens=draw(st.integers(0, 3)) if options else 0,
         softcap=draw(st.none() | st.floats(0.5, 50.0)) if options else None,
         alibi=draw(maybe),
         sinks=draw(maybe),

@@ -98,6 +98,12 @@ def test_window_must_be_at_least_one(qkv, window):
         attention(*qkv, window=window)
 
 
+@pytest.mark.parametrize("sink_tokens", [-1, 1.5, True])
+def test_sink_tokens_must_be_a_non_negative_integer(qkv, sink_tokens):
+    with _raises(ValueError, f"sink_tokens must be an integer >= 0; got {sink_tokens!r}"):
+        attention(*qkv, sink_tokens=sink_tokens)
+
+
 def test_window_must_be_an_integer(qkv):
     with _raises(TypeError, "window must be an integer >= 1 or None; got 2.5"):
         attention(*qkv, window=2.5)  # type: ignore[arg-type]

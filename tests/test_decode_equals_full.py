@@ -92,4 +92,9 @@ def test_queries_of_earlier_tokens_are_never_needed(case: Case, spec: ProblemSpe
 
 
 def spec_scalars(spec: ProblemSpec) -> dict[str, object]:
-    return {"window": spec.window, "softcap": spec.softcap, "scale": spec.scale}
+    return {
+        "window": spec.window,
+        "sink_tokens": spec.sink_tokens,
+        "softcap": spec.softcap,
+        "scale": spec.scale,
+    }

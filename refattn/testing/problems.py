@@ -39,6 +39,7 @@ class ProblemSpec:
     causal: bool = False
     layout: str = "bottom_right"
     window: int | None = None
+    sink_tokens: int = 0
     softcap: float | None = None
     alibi: bool = False
     sinks: bool = False
@@ -73,7 +74,13 @@ class Problem:
     def scalars(self) -> dict[str, Any]:
         """The scalar keyword arguments of ``attention``."""
         s = self.spec
-        return {"causal": s.causal, "window": s.window, "softcap": s.softcap, "scale": s.scale}
+        return {
+            "causal": s.causal,
+            "window": s.window,
+            "sink_tokens": s.sink_tokens,
+            "softcap": s.softcap,
+            "scale": s.scale,
+        }
 
 
 def build_problem(spec: ProblemSpec) -> Problem:
@@ -138,7 +145,7 @@ def seen_slots(problem: Problem) -> np.ndarray:
     if s.causal:
         visible = visible & (k <= q)
     if s.window is not None:
-        visible = visible & (q - k < s.window)
+        visible = visible & ((q - k < s.window) | (k < s.sink_tokens))
     visible = np.broadcast_to(visible[:, None], (s.batch, s.q_heads, s.q_len, s.k_len))
     if problem.mask is not None:
         visible = visible & problem.mask
@@ -167,6 +174,7 @@ def random_spec(rng: np.random.Generator, *, seed: int | None = None) -> Problem
         causal=bool(rng.integers(2)),
         layout=str(rng.choice(LAYOUTS)),
         window=int(rng.integers(1, k_len + 3)) if rng.random() < 0.3 else None,
+        sink_tokens=int(rng.integers(0, 4)),
         softcap=float(rng.uniform(1.0, 30.0)) if rng.random() < 0.25 else None,
         alibi=bool(rng.random() < 0.25),
         sinks=bool(rng.random() < 0.25),

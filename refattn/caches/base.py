@@ -1,0 +1,198 @@
+r"""What every KV cache shares: the update contract, input checks and bookkeeping.
+
+A cache holds one layer's keys and values for a batch of rows and hands back,
+after each update, the keys, values and key positions that the new tokens'
+queries attend to:
+
+.. code-block:: python
+
+    k, v, k_pos = cache.update(k_new, v_new, n_new)   # k_new: (B, Hkv, T, D)
+    q_pos = lengths_before[:, None] + arange(T)        # where the new queries sit
+    out = attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+
+``n_new[b]`` of the T new tokens are real in row b (the rest is right
+padding); each row appends its real tokens at its own end. Slots that hold no
+token report ``k_pos = -1`` and are invisible to attention, which is the whole
+interface between caches and attention: a cache knows positions, never
+attention.
+
+Every update is checked completely before anything is written, so a failed
+update (overflow, wrong shape, dtype, device or array library) raises a clear
+error and leaves the cache exactly as it was.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import array_api_extra as xpx
+from array_api_compat import array_namespace, device
+from array_api_compat import device as _device_of
+
+from refattn.namespace import Array, Namespace, is_floating
+
+
+class KVCache(ABC):
+    """One layer's keys and values for ``batch`` rows; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        dtype: Any = None,
+        device: Any = None,
+        xp: Namespace | None = None,
+    ) -> None:
+        for name, n in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            _check_count(name, n, minimum=1)
+        if value_dim is not None:
+            _check_count("value_dim", value_dim, minimum=1)
+        if xp is None:
+            import array_api_compat.numpy
+
+            xp = array_api_compat.numpy  # NumPy, the readable default
+        self.xp: Namespace = xp
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.dtype = xp.float32 if dtype is None else dtype
+        if not is_floating(xp, self.dtype):
+            raise TypeError(f"dtype must be a floating dtype; got {self.dtype}")
+        # The library's default device unless one is named: every array is created there.
+        self.device = device if device is not None else _device_of(xp.zeros(0, dtype=self.dtype))
+        self._lengths = [0] * batch
+
+    # -- the contract -------------------------------------------------------
+
+    @abstractmethod
+    def update(
+        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
+    ) -> tuple[Array, Array, Array]:
+        """Append the new tokens; return (k, v, k_pos) for their queries to attend to."""
+
+    @abstractmethod
+    def view(self) -> tuple[Array, Array, Array]:
+        """(k, v, k_pos) as the cache holds them now, without appending."""
+
+    @property
+    def lengths(self) -> Array:
+        """(B,) int64: tokens seen per row (not capped by any window)."""
+        return self.xp.asarray(self._lengths, dtype=self.xp.int64, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (positions and tables not counted)."""
+        return sum(_nbytes(self.xp, x) for x in self._storage())
+
+    def reset(self) -> None:
+        """Empty every row."""
+        self.release(range(self.batch))
+
+    def release(self, rows: int | Iterable[int]) -> None:
+        """Empty the given rows, so the batch slot can serve a new sequence."""
+        chosen = [rows] if isinstance(rows, int) else list(rows)
+        for b in chosen:
+            _check_row("rows", b, self.batch)
+        for b in chosen:
+            self._release_row(b)
+            self._lengths[b] = 0
+
+    # -- what each cache kind supplies --------------------------------------
+
+    @abstractmethod
+    def _storage(self) -> list[Array]:
+        """The arrays that hold keys and values, for nbytes."""
+
+    @abstractmethod
+    def _release_row(self, b: int) -> None:
+        """Forget row b's tokens (its length is reset by the caller)."""
+
+    # -- shared helpers -----------------------------------------------------
+
+    def _check_new(
+        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None
+    ) -> list[int]:
+        """Check an update's inputs against the cache; return n_new as ints per row."""
+        xp = self.xp
+        for name, x, dim in (("k_new", k_new, self.head_dim), ("v_new", v_new, self.value_dim)):
+            try:
+                other = array_namespace(x)
+            except TypeError:
+                raise TypeError(
+                    f"{name} must be an array of the cache's library {xp.__name__}; "
+                    f"got {type(x).__name__}"
+                ) from None
+            if other is not xp:
+                raise TypeError(
+                    f"{name} is a {other.__name__} array but the cache holds {xp.__name__} arrays"
+                )
+            if (
+                x.ndim != 4
+                or tuple(x.shape[:2]) != (self.batch, self.kv_heads)
+                or x.shape[3] != dim
+            ):
+                raise ValueError(
+                    f"{name} must have shape (B, Hkv, T, {dim}) = "
+                    f"({self.batch}, {self.kv_heads}, T, {dim}); got {tuple(x.shape)}"
+                )
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {x.dtype} but the cache holds {self.dtype}")
+            if device(x) != self.device:
+                raise ValueError(
+                    f"{name} is on device {device(x)} but the cache is on {self.device}"
+                )
+        T = k_new.shape[2]
+        if v_new.shape[2] != T:
+            raise ValueError(f"k_new has {T} tokens but v_new has {v_new.shape[2]}")
+        return _counts(n_new, self.batch, T)
+
+    def _write(self, store: Array, index: tuple[Any, ...], values: Array) -> Array:
+        """``store[index] = values`` through array-api-extra, so immutable arrays work too."""
+        return xpx.at(store, index).set(values)
+
+    def _new_positions(self, n: list[int], T: int) -> Array:
+        """(B, T) int64: position lengths[b] + i for real tokens, -1 for padding."""
+        xp = self.xp
+        i = xp.arange(T, dtype=xp.int64, device=self.device)[None, :]  # (1, T)
+        start = xp.asarray(self._lengths, dtype=xp.int64, device=self.device)[:, None]  # (B, 1)
+        real = i < xp.asarray(n, dtype=xp.int64, device=self.device)[:, None]  # (B, T)
+        return xp.where(real, start + i, xp.asarray(-1, dtype=xp.int64, device=self.device))
+
+
+def _counts(n_new: Array | Sequence[int] | None, batch: int, T: int) -> list[int]:
+    if n_new is None:
+        return [T] * batch
+    try:
+        values = [int(n) for n in (n_new.tolist() if hasattr(n_new, "tolist") else n_new)]
+    except (TypeError, ValueError):
+        raise TypeError(f"n_new must be a sequence of {batch} integers; got {n_new!r}") from None
+    if len(values) != batch or any(not 0 <= n <= T for n in values):
+        raise ValueError(
+            f"n_new must hold {batch} integers in [0, {T}] (real tokens per row); got {values}"
+        )
+    return values
+
+
+def _check_count(name: str, n: Any, *, minimum: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {n!r}")
+
+
+def _check_row(name: str, b: Any, batch: int) -> None:
+    if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < batch:
+        raise ValueError(f"{name} must name rows in [0, {batch}); got {b!r}")
+
+
+def _nbytes(xp: Namespace, x: Array) -> int:
+    itemsize = getattr(x.dtype, "itemsize", None)
+    if itemsize is None:
+        info = xp.finfo(x.dtype) if xp.isdtype(x.dtype, "real floating") else xp.iinfo(x.dtype)
+        itemsize = info.bits // 8
+    size = 1
+    for n in x.shape:
+        size *= n
+    return int(size * itemsize)

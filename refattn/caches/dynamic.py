@@ -1,0 +1,70 @@
+"""The dynamic cache: grows by concatenation (``past_key_values``, Hugging Face's DynamicCache)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from refattn.caches.base import KVCache
+from refattn.namespace import Array, Namespace
+
+
+class DynamicCache(KVCache):
+    r"""Keys and values that grow by concatenating each update's T new slots.
+
+    Simple and unbounded, at a price that is easy to miss: every update copies
+    the whole cache into a new array, :math:`O(\text{length})` per appended
+    token and :math:`O(S^2)` over a generation, which the benchmark in
+    ``benchmarks/`` shows growing. Right-padding slots of a ragged update stay
+    in place as holes with ``k_pos = -1``; a released row keeps its slots as
+    holes too and starts again at position 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cache = DynamicCache(batch=2, kv_heads=1, head_dim=2, dtype=np.float64)
+    >>> k, v, k_pos = cache.update(np.ones((2, 1, 2, 2)), np.ones((2, 1, 2, 2)), n_new=[2, 1])
+    >>> k_pos.tolist(), cache.lengths.tolist()
+    ([[0, 1], [0, -1]], [2, 1])
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        dtype: Any = None,
+        device: Any = None,
+        xp: Namespace | None = None,
+    ) -> None:
+        super().__init__(
+            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
+            dtype=dtype, device=device, xp=xp,
+        )  # fmt: skip
+        xp, B, H = self.xp, batch, kv_heads
+        self.keys = xp.zeros((B, H, 0, head_dim), dtype=self.dtype, device=self.device)
+        self.values = xp.zeros((B, H, 0, self.value_dim), dtype=self.dtype, device=self.device)
+        self.positions = xp.zeros((B, 0), dtype=xp.int64, device=self.device)
+
+    def update(
+        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
+    ) -> tuple[Array, Array, Array]:
+        n = self._check_new(k_new, v_new, n_new)
+        xp = self.xp
+        new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
+        self.keys = xp.concat([self.keys, k_new], axis=2)  # a full copy, every time
+        self.values = xp.concat([self.values, v_new], axis=2)
+        self.positions = xp.concat([self.positions, new_pos], axis=1)
+        self._lengths = [length + m for length, m in zip(self._lengths, n, strict=True)]
+        return self.view()
+
+    def view(self) -> tuple[Array, Array, Array]:
+        return self.keys, self.values, self.positions
+
+    def _storage(self) -> list[Array]:
+        return [self.keys, self.values]
+
+    def _release_row(self, b: int) -> None:
+        self.positions = self._write(self.positions, (b, slice(None)), -1)

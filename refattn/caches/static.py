@@ -1,0 +1,86 @@
+"""The static cache: preallocated storage, written in place (llama's and minGPT's ``start_pos``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from refattn.caches.base import KVCache, _check_count
+from refattn.namespace import Array, Namespace
+
+
+class StaticCache(KVCache):
+    r"""Keys and values in arrays of ``max_len`` slots per row, allocated once.
+
+    Row b's token at position p lives in slot p. An update writes only the new
+    tokens (amortized O(1) per token) and returns views of the first
+    :math:`\max_b \text{lengths}_b` slots, so attention reads no copy; slots a
+    row has not filled report ``k_pos = -1``. The views alias the storage: they
+    are valid until the next update.
+
+    Memory: :math:`2 \cdot B \cdot H_{kv} \cdot \text{max\_len} \cdot D \cdot
+    \text{itemsize}` bytes (with :math:`D_v = D`), whatever the lengths.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cache = StaticCache(batch=1, kv_heads=1, head_dim=2, max_len=4, dtype=np.float64)
+    >>> k, v, k_pos = cache.update(np.ones((1, 1, 3, 2)), np.ones((1, 1, 3, 2)))
+    >>> k.shape, k_pos.tolist(), cache.lengths.tolist()
+    ((1, 1, 3, 2), [[0, 1, 2]], [3])
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        value_dim: int | None = None,
+        dtype: Any = None,
+        device: Any = None,
+        xp: Namespace | None = None,
+    ) -> None:
+        super().__init__(
+            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
+            dtype=dtype, device=device, xp=xp,
+        )  # fmt: skip
+        _check_count("max_len", max_len, minimum=1)
+        self.max_len = max_len
+        xp, B, H = self.xp, batch, kv_heads
+        self.keys = xp.zeros((B, H, max_len, head_dim), dtype=self.dtype, device=self.device)
+        self.values = xp.zeros(
+            (B, H, max_len, self.value_dim), dtype=self.dtype, device=self.device
+        )
+        self.positions = xp.full((B, max_len), -1, dtype=xp.int64, device=self.device)
+
+    def update(
+        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
+    ) -> tuple[Array, Array, Array]:
+        n = self._check_new(k_new, v_new, n_new)
+        for b in range(self.batch):
+            if self._lengths[b] + n[b] > self.max_len:
+                raise ValueError(
+                    f"StaticCache overflow: row {b} holds {self._lengths[b]} tokens and "
+                    f"{n[b]} more would exceed max_len={self.max_len}"
+                )
+        new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
+        for b in range(self.batch):
+            start, end = self._lengths[b], self._lengths[b] + n[b]
+            slots = (b, slice(None), slice(start, end), slice(None))
+            self.keys = self._write(self.keys, slots, k_new[b, :, : n[b], :])
+            self.values = self._write(self.values, slots, v_new[b, :, : n[b], :])
+            self.positions = self._write(self.positions, (b, slice(start, end)), new_pos[b, : n[b]])
+            self._lengths[b] = end
+        return self.view()
+
+    def view(self) -> tuple[Array, Array, Array]:
+        used = max(self._lengths)
+        return self.keys[:, :, :used, :], self.values[:, :, :used, :], self.positions[:, :used]
+
+    def _storage(self) -> list[Array]:
+        return [self.keys, self.values]
+
+    def _release_row(self, b: int) -> None:
+        self.positions = self._write(self.positions, (b, slice(None)), -1)
