@@ -6,6 +6,27 @@ imports no framework: the namespace is found from the arrays passed in.
 """
 
 from refattn.attention import attention
+from refattn.caches import (
+    CrossAttentionCache,
+    DynamicCache,
+    KVCache,
+    PagedCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    StaticCache,
+)
+from refattn.encodings import alibi_slopes, rope
 
-__all__ = ["attention"]
+__all__ = [
+    "CrossAttentionCache",
+    "DynamicCache",
+    "KVCache",
+    "PagedCache",
+    "QuantizedCache",
+    "SlidingWindowCache",
+    "StaticCache",
+    "alibi_slopes",
+    "attention",
+    "rope",
+]
 __version__ = "0.1.0"

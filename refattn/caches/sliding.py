@@ -93,8 +93,9 @@ class SlidingWindowCache(KVCache):
                 # Positions first .. last - 1 fill consecutive slots without wrapping.
                 tokens = slice(first - self._lengths[b], last - self._lengths[b])
                 slots = slice(self.slot(first), self.slot(first) + last - first)
-                self.keys = self._write(self.keys, (b, slice(None), slots), k_new[b, :, tokens])
-                self.values = self._write(self.values, (b, slice(None), slots), v_new[b, :, tokens])
+                where = (b, slice(None), slots, slice(None))
+                self.keys = self._write(self.keys, where, k_new[b, :, tokens, :])
+                self.values = self._write(self.values, where, v_new[b, :, tokens, :])
                 self.positions = self._write(self.positions, (b, slots), new_pos[b, tokens])
             self._lengths[b] += n[b]
         return seen if T > 1 else self.view()

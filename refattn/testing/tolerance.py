@@ -164,3 +164,37 @@ def max_abs_error(candidate: Any, reference: Any) -> float:
         diff = np.where(same, 0.0, np.abs(a - b))
     diff = np.where(np.isnan(diff), np.inf, diff)
     return float(diff.max())
+
+
+def quantized_error_bound(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    bits: int,
+    dtype: str,
+    scale: float | None = None,
+) -> float:
+    r"""How far attention over keys and values stored by a ``QuantizedCache`` may move.
+
+    Each stored element is off by at most half a quantization step,
+    :math:`\max|x| / (2 q_{max})`, plus the rounding of the dequantized value to
+    ``dtype``. A query's score then moves by at most
+    :math:`e = \text{scale} \cdot \lVert q \rVert_1 \cdot \max|k| \cdot
+    (1 / (2 q_{max}) + u_t)`, each softmax weight by a factor within
+    :math:`e^{\pm 2e}`, and each value by :math:`\max|v| (1/(2 q_{max}) + u_t)`:
+
+    .. math::
+
+        |o - o^*| \le \left(e^{2e} - 1 + \frac{1}{2 q_{max}} + u_t\right) \max|v|
+
+    on top of the spec's own rounding (:func:`spec_error_bound`).
+    """
+    q_max = 2 ** (bits - 1) - 1
+    step = 1.0 / (2 * q_max) + UNIT_ROUNDOFF[dtype]
+    D = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 0.0
+    q_l1 = float(np.abs(q).sum(axis=-1).max(initial=0.0))
+    e = abs(scale) * q_l1 * finite_max_abs(k) * step
+    return (math.expm1(min(2 * e, 50.0)) + step) * finite_max_abs(v)
