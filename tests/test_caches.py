@@ -349,3 +349,208 @@ def test_alibi_through_the_cache_equals_alibi_on_the_full_sequence(
         cache, cache_case, arrays, steps, oracle_attention, alibi_slopes=slopes
     )
     assert agreement.passed, agreement
+
+
+# -- failures lose nothing ------------------------------------------------------------
+
+
+def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[Exception], str]]:
+    """(k_new, v_new, n_new, error, message fragment): updates this cache must refuse."""
+    import torch
+
+    B, H, D = cache.batch, cache.kv_heads, cache.head_dim
+
+    def new(T: int, heads: int = H, dim: int = D, dtype: str = case.dtype) -> Any:
+        return case.backend.asarray(np.ones((B, heads, T, dim)), dtype=dtype, device=case.device)
+
+    other_dtype = "float64" if case.dtype != "float64" else "float32"
+    foreign = np.ones((B, H, 1, D)) if case.backend.name == "torch" else torch.ones((B, H, 1, D))
+    bad: list[tuple[Any, Any, Any, type[Exception], str]] = [
+        (new(1, heads=H + 1), new(1, heads=H + 1), None, ValueError, "k_new must have shape"),
+        (new(1, dim=D + 1), new(1), None, ValueError, "k_new must have shape"),
+        (new(2), new(1), None, ValueError, "k_new has 2 tokens but v_new has 1"),
+        (new(1, dtype=other_dtype), new(1, dtype=other_dtype), None, TypeError, "has dtype"),
+        (new(2), new(2), [3] * B, ValueError, "n_new must hold"),
+        (new(2), new(2), [1] * (B + 1), ValueError, "n_new must hold"),
+        (foreign, new(1), None, TypeError, "array"),
+    ]
+    if case.backend.name == "array_api_strict":
+        xp = case.backend.namespace()
+        elsewhere = xp.Device("CPU_DEVICE" if case.device != "CPU_DEVICE" else "device1")
+        k = xp.asarray(np.ones((B, H, 1, D)), dtype=xp.float32, device=elsewhere)
+        bad.append((k, k, None, ValueError, "is on device"))
+    if isinstance(cache, PagedCache):
+        bad.append(
+            (new(CAPACITY * B + 1), new(CAPACITY * B + 1), None, ValueError, "out of blocks")
+        )
+    elif isinstance(cache, (StaticCache, QuantizedCache)):
+        bad.append((new(CAPACITY + 1), new(CAPACITY + 1), None, ValueError, "overflow"))
+    return bad
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_a_failed_update_leaves_the_cache_exactly_as_it_was(kind: str, cache_case: Case) -> None:
+    from refattn.testing.decoding import decode_schedule
+
+    rng = np.random.default_rng(0)
+    B, H, D = 2, 2, 4
+    cache = make_cache(kind, cache_case, batch=B, kv_heads=H, head_dim=D, capacity=CAPACITY)
+    arrays = {n: _rounded(rng.standard_normal((B, H, 5, D)), cache_case.dtype) for n in "qkv"}
+    decode_schedule(cache, cache_case, arrays, [(3, [3, 1]), (2, [2, 2])])
+    for k_new, v_new, n_new, error, fragment in _bad_updates(cache, cache_case):
+        before = snapshot(cache, cache_case)
+        with pytest.raises(error, match=fragment):
+            cache.update(k_new, v_new, n_new)
+        assert_same_state(before, snapshot(cache, cache_case))
+
+
+def test_paged_cache_out_of_blocks_changes_nothing_even_mid_batch() -> None:
+    """Each row alone would fit, both together do not: the update fails whole."""
+    from refattn import PagedCache
+
+    cache = PagedCache(
+        batch=2, kv_heads=1, head_dim=2, block_size=2, num_blocks=3, dtype=np.float64
+    )
+    cache.update(np.ones((2, 1, 1, 2)), np.ones((2, 1, 1, 2)))
+    before = (list(cache._lengths), [list(t) for t in cache.block_table], list(cache.free_blocks))
+    with pytest.raises(ValueError, match="needs 2 new blocks of 2 slots but only 1 are free"):
+        cache.update(np.ones((2, 1, 3, 2)), np.ones((2, 1, 3, 2)), n_new=[3, 3])
+    assert (
+        list(cache._lengths),
+        [list(t) for t in cache.block_table],
+        list(cache.free_blocks),
+    ) == before
+
+
+def test_fork_shares_blocks_and_copies_on_write() -> None:
+    from refattn import PagedCache
+
+    cache = PagedCache(
+        batch=2, kv_heads=1, head_dim=1, block_size=2, num_blocks=6, dtype=np.float64
+    )
+    cache.update(
+        np.arange(3.0).reshape(1, 1, 3, 1).repeat(2, 0), np.zeros((2, 1, 3, 1)), n_new=[3, 0]
+    )
+    cache.fork(0, 1)
+    assert cache.block_table[1] == cache.block_table[0]
+    shared_tail = cache.block_table[0][-1]
+    k, _, k_pos = cache.update(np.full((2, 1, 1, 1), 7.0), np.zeros((2, 1, 1, 1)))
+    # Row 0 wrote into the shared tail, so it got a copy; row 1 kept the original.
+    assert cache.block_table[0][-1] != shared_tail and cache.block_table[1][-1] == shared_tail
+    np.testing.assert_array_equal(k[:, 0, :, 0], [[0, 1, 2, 7], [0, 1, 2, 7]])
+    cache.release(0)
+    cache.release(1)
+    assert sorted(cache.free_blocks) == list(range(6))
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_int8_cache_holds_at_most_055_of_a_float16_static_cache(head_dim: int) -> None:
+    from refattn import QuantizedCache, StaticCache
+
+    shape = {"batch": 2, "kv_heads": 4, "head_dim": head_dim, "max_len": 100}
+    quantized = QuantizedCache(**shape, bits=8, dtype=np.float16)
+    static = StaticCache(**shape, dtype=np.float16)
+    assert static.nbytes == 2 * 2 * 4 * 100 * head_dim * 2
+    assert quantized.nbytes / static.nbytes <= 0.55
+
+
+def test_dynamic_cache_grows_and_sliding_cache_does_not() -> None:
+    from refattn import DynamicCache, SlidingWindowCache
+
+    dynamic = DynamicCache(batch=1, kv_heads=1, head_dim=4, dtype=np.float32)
+    ring = SlidingWindowCache(
+        batch=1, kv_heads=1, head_dim=4, window=3, sink_tokens=1, dtype=np.float32
+    )
+    sizes = []
+    for _ in range(6):
+        for cache in (dynamic, ring):
+            cache.update(np.ones((1, 1, 1, 4), np.float32), np.ones((1, 1, 1, 4), np.float32))
+        sizes.append((dynamic.nbytes, ring.nbytes))
+    assert [d for d, _ in sizes] == [2 * 4 * 4 * t for t in range(1, 7)]
+    assert {r for _, r in sizes} == {2 * 4 * 4 * 4}
+
+
+# -- cross-attention ----------------------------------------------------------------
+
+
+def test_cross_attention_cache_stores_the_encoder_once_and_reuses_it(cache_case: Case) -> None:
+    from refattn import attention
+
+    rng = np.random.default_rng(0)
+    B, H, S, D = 2, 2, 5, 4
+    enc = {n: _rounded(rng.standard_normal((B, H, S, D)), cache_case.dtype) for n in "kv"}
+    cache = make_cache("cross", cache_case, batch=B, kv_heads=H, head_dim=D, capacity=S)
+    on = {"dtype": cache_case.dtype, "device": cache_case.device}
+    k_enc, v_enc = (cache_case.backend.asarray(enc[n], **on) for n in "kv")
+    k, v, k_pos = cache.update(k_enc, v_enc, n_new=[5, 3])
+    with pytest.raises(ValueError, match="already holds encoder states"):
+        cache.update(k, v)
+    for step in range(3):  # every decoder step reads the same states
+        q = _rounded(rng.standard_normal((B, H, 1, D)), cache_case.dtype)
+        k_step, v_step, pos = cache.update(None, None)
+        out = attention(cache_case.backend.asarray(q, **on), k_step, v_step, k_pos=pos)
+        for b, n in enumerate([5, 3]):
+            ref, _ = oracle_attention(
+                q[b : b + 1], enc["k"][b : b + 1, :, :n], enc["v"][b : b + 1, :, :n]
+            )
+            allowed = spec_error_bound(
+                {"q": q, "k": enc["k"], "v": enc["v"]}, dtype=cache_case.dtype
+            ).out
+            assert max_abs_error(cache_case.backend.to_numpy(out)[b : b + 1], ref) <= allowed, step
+    assert cache_case.backend.to_numpy(cache.lengths).tolist() == [5, 3]
+    cache.reset()
+    cache.update(k, v)
+
+
+# -- the encodings themselves ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["neox", "interleaved"])
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)),
+    extra=st.integers(0, 4),
+    theta=st.floats(2.0, 1e6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rope_is_a_complex_rotation_of_feature_pairs(
+    style: str, shape, extra: int, theta: float, seed: int
+) -> None:
+    """Feature pair p, as a complex number, is multiplied by exp(i pos theta^(-2p/r))."""
+    from refattn import rope
+
+    B, H, S, half = shape
+    r = 2 * half
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, H, S, r + extra))
+    pos = rng.integers(0, 5000, size=(B, S))
+    if style == "neox":
+        z = x[..., :half] + 1j * x[..., half:r]
+    else:
+        z = x[..., 0:r:2] + 1j * x[..., 1:r:2]
+    angle = pos[:, None, :, None] * theta ** (-2.0 * np.arange(half) / r)
+    w = z * np.exp(1j * angle)
+    expected = np.concatenate(
+        [np.real(w), np.imag(w)]
+        if style == "neox"
+        else [np.stack([np.real(w), np.imag(w)], -1).reshape(B, H, S, r)],
+        axis=-1,
+    )
+    expected = np.concatenate([expected, x[..., r:]], axis=-1)
+    got = rope(x, pos, theta=theta, style=style, rotary_dim=r)
+    np.testing.assert_allclose(got, expected, atol=1e-9 * max(1, pos.max()))
+
+
+def test_alibi_slopes_follow_the_geometric_rule() -> None:
+    from refattn import alibi_slopes
+
+    np.testing.assert_array_equal(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+    # 12 heads: the 8 slopes of 8 heads, then every other slope of 16 heads.
+    sixteen = 2.0 ** (-0.5 * np.arange(1, 17))
+    np.testing.assert_allclose(
+        alibi_slopes(12), np.concatenate([2.0 ** -np.arange(1, 9), sixteen[0::2][:4]]), rtol=1e-7
+    )
+    with pytest.raises(ValueError, match="n_heads must be a positive integer; got 0"):
+        alibi_slopes(0)
