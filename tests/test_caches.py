@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends.base import round_to
-from refattn.caches import KVCache, PagedCache, QuantizedCache
+from refattn.caches import KVCache, PagedCache, QuantizedCache, StaticCache
 from refattn.testing.decoding import CACHE_KINDS, attend_step, make_cache, window_options
 from refattn.testing.tolerance import max_abs_error, quantized_error_bound, spec_error_bound
 from refattn.tests.oracle import oracle_attention
@@ -434,7 +434,7 @@ def test_fork_shares_blocks_and_copies_on_write() -> None:
     cache.fork(0, 1)
     assert cache.block_table[1] == cache.block_table[0]
     shared_tail = cache.block_table[0][-1]
-    k, _, k_pos = cache.update(np.full((2, 1, 1, 1), 7.0), np.zeros((2, 1, 1, 1)))
+    k, _, _ = cache.update(np.full((2, 1, 1, 1), 7.0), np.zeros((2, 1, 1, 1)))
     # Row 0 wrote into the shared tail, so it got a copy; row 1 kept the original.
     assert cache.block_table[0][-1] != shared_tail and cache.block_table[1][-1] == shared_tail
     np.testing.assert_array_equal(k[:, 0, :, 0], [[0, 1, 2, 7], [0, 1, 2, 7]])
@@ -485,7 +485,7 @@ def test_cross_attention_cache_stores_the_encoder_once_and_reuses_it(cache_case:
     cache = make_cache("cross", cache_case, batch=B, kv_heads=H, head_dim=D, capacity=S)
     on = {"dtype": cache_case.dtype, "device": cache_case.device}
     k_enc, v_enc = (cache_case.backend.asarray(enc[n], **on) for n in "kv")
-    k, v, k_pos = cache.update(k_enc, v_enc, n_new=[5, 3])
+    k, v, _ = cache.update(k_enc, v_enc, n_new=[5, 3])
     with pytest.raises(ValueError, match="already holds encoder states"):
         cache.update(k, v)
     for step in range(3):  # every decoder step reads the same states
