@@ -6,7 +6,14 @@ import math
 
 from array_api_compat import device
 
-from refattn.checks import check_modifiers, check_positions, check_qkv, check_scalars
+from refattn.checks import (
+    check_devices,
+    check_flags,
+    check_modifiers,
+    check_positions,
+    check_qkv,
+    check_scalars,
+)
 from refattn.namespace import Array, Namespace, compute_dtype, namespace_of
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
 from refattn.scores import alibi_bias, group_heads, scaled_scores, softcap_scores
@@ -117,6 +124,11 @@ def attention(
         alibi_slopes=alibi_slopes, sink_logits=sink_logits,
     )  # fmt: skip
     check_qkv(xp, q, k, v)
+    check_devices(
+        q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias,
+        alibi_slopes=alibi_slopes, sink_logits=sink_logits,
+    )  # fmt: skip
+    check_flags(causal=causal, return_lse=return_lse)
     check_scalars(scale, window, softcap, sink_tokens)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -153,9 +165,7 @@ def attention(
 
     p, lse = masked_softmax(xp, s, visible, sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
 
-    # Weighted sum of values, one (G * Sq, Sk) x (Sk, Dv) product per KV head.
-    v = _drop_unseen_values(xp, v, visible)
-    out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
+    out = _weighted_sum(xp, p, v, visible)  # (B, Hkv, G, Sq, Dv)
     out = xp.reshape(out, (B, Hq, Sq, Dv))  # (B, Hq, Sq, Dv)
     out = _cast(xp, out, out_dtype)
     if return_lse:
@@ -169,22 +179,27 @@ def _positions(
     if pos is None:
         return default
     check_positions(xp, name, pos, batch, length)
-    return as_rows(xp, pos)
+    # int64, so that differences of unsigned or narrow positions cannot wrap around.
+    return xp.astype(as_rows(xp, pos), xp.int64)
 
 
 def _cast(xp: Namespace, x: Array, dtype: object) -> Array:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def _drop_unseen_values(xp: Namespace, v: Array, visible: Array) -> Array:
-    """Zero the values of slots no query sees, so 0 * NaN cannot reach the output.
+def _weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
+    """:math:`o_i = \\sum_j p_{ij} v_j` over visible keys only, (B, Hkv, G, Sq, Dv).
 
-    A weight of exactly 0 times a NaN or inf value is NaN, so a poisoned empty
-    slot would leak through the matrix product. When every slot is seen by
-    some query (the usual case) v is returned as it is, with no copy.
+    With finite values this is one (G * Sq, Sk) x (Sk, Dv) product per KV head.
+    A NaN or inf value would leak through that product into queries that
+    cannot see it (a weight of exactly 0 times NaN is NaN), so then each
+    query sums only the values it sees: slower, and only taken when needed.
     """
-    seen = xp.any(visible, axis=(2, 3))  # (B, Hkv or 1, Sk)
-    if bool(xp.all(seen)):
-        return v
+    B, Hkv, G, Sq, Sk = p.shape
+    Dv = v.shape[-1]
+    if bool(xp.all(xp.isfinite(v))):
+        out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
+        return xp.reshape(out, (B, Hkv, G, Sq, Dv))
     zero = xp.zeros((), dtype=v.dtype, device=device(v))
-    return xp.where(seen[..., None], v, zero)  # (B, Hkv, Sk, Dv)
+    seen = xp.where(visible[..., None], v[:, :, None, None, :, :], zero)  # (B, Hkv, G, Sq, Sk, Dv)
+    return xp.sum(p[..., None] * seen, axis=-2)  # (B, Hkv, G, Sq, Dv)

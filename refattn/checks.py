@@ -11,11 +11,16 @@ import math
 from numbers import Integral, Real
 from typing import Any
 
+from array_api_compat import device
+
 from refattn.namespace import Array, Namespace, is_floating
 
 
 def check_qkv(xp: Namespace, q: Array, k: Array, v: Array) -> None:
     """Check ranks, head counts, lengths, head dims and dtypes of q, k and v."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is None:
+            raise TypeError(f"{name} must be an array; got None")
     for name, x, layout in (
         ("q", q, "(B, Hq, Sq, D)"),
         ("k", k, "(B, Hkv, Sk, D)"),
@@ -37,6 +42,8 @@ def check_qkv(xp: Namespace, q: Array, k: Array, v: Array) -> None:
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"k has {Hkv} heads but q has {Hq}; q heads must be a multiple of k heads")
+    if D == 0:
+        raise ValueError(f"q has head dim 0; expected >= 1 (shape {tuple(q.shape)})")
     if k.shape[3] != D:
         raise ValueError(f"k has head dim {k.shape[3]} but q has {D}; they must match")
     if k.shape[2] != v.shape[2]:
@@ -120,11 +127,26 @@ def check_per_head(xp: Namespace, name: str, x: Array, shapes: tuple[tuple[int, 
         raise ValueError(f"{name} must have shape {expected}; got {tuple(x.shape)}")
 
 
+def check_devices(q: Array, **arrays: Array | None) -> None:
+    """Every array must live on q's device."""
+    where = device(q)
+    for name, x in arrays.items():
+        if x is not None and device(x) != where:
+            raise ValueError(f"{name} is on device {device(x)} but q is on {where}; move it to q's")
+
+
+def check_flags(**flags: Any) -> None:
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
+
+
 def check_scalars(scale: Any, window: Any, softcap: Any, sink_tokens: Any = 0) -> None:
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
-    ):
-        raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite; got {scale}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, Integral):
             raise TypeError(f"window must be an integer >= 1 or None; got {window!r}")

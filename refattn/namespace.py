@@ -32,6 +32,9 @@ def namespace_of(**arrays: Array | None) -> Namespace:
     'array_api_compat.numpy'
     """
     given = {name: x for name, x in arrays.items() if x is not None}
+    if not given:
+        names = ", ".join(arrays)
+        raise TypeError(f"{names} must be arrays; got None")
     first_name, first = next(iter(given.items()))
     xp = _namespace_or_error(first_name, first)
     for name, x in given.items():

@@ -118,7 +118,8 @@ def oracle_attention(
     softcap: float | None = None,
     alibi_slopes: Any = None,
     sink_logits: Any = None,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    return_weights: bool = False,
+) -> Any:
     """Attention computed one query and one key at a time, in float64.
 
     Parameters
@@ -157,6 +158,9 @@ def oracle_attention(
     sink_logits : array_like, optional
         Per-head sink logits, shape ``(Hq,)``, which join the softmax
         denominator but contribute no value.
+    return_weights : bool, optional
+        Also return the softmax weights, shape ``(B, Hq, Sq, Sk)``, 0 for an
+        invisible key (the tolerance rules use them).
 
     Returns
     -------
@@ -165,6 +169,8 @@ def oracle_attention(
     lse : numpy.ndarray
         float64 array of shape ``(B, Hq, Sq)``: the natural log of each row's
         softmax denominator (``-inf`` for a row with no visible key and no sink).
+    weights : numpy.ndarray
+        Only with ``return_weights``: float64 ``(B, Hq, Sq, Sk)``.
 
     Examples
     --------
@@ -230,6 +236,7 @@ def oracle_attention(
     )
 
     out = np.zeros((n_batch, n_qheads, n_queries, d_v), dtype=np.float64)
+    probs = np.zeros((n_batch, n_qheads, n_queries, n_keys), dtype=np.float64)
     lse = np.empty((n_batch, n_qheads, n_queries), dtype=np.float64)
 
     # inf/NaN in *visible* inputs are allowed to propagate; silence the
@@ -264,7 +271,9 @@ def oracle_attention(
                             continue
                         if mask_row is not None and not mask_row[j]:
                             continue
-                        s = scale_f * float(np.dot(q_vec, k_rows[j]))
+                        # Elementwise products, not BLAS: some BLAS kernels skip zero
+                        # factors, which would hide a NaN that IEEE arithmetic keeps.
+                        s = scale_f * float(np.sum(q_vec * k_rows[j]))
                         if cap is not None:
                             s = cap * math.tanh(s / cap)
                         if slope is not None:
@@ -294,15 +303,19 @@ def oracle_attention(
                     z = sum(weights)
                     if sink is not None:
                         z += math.exp(sink - m)
-                    # Weighted sum of the visible value rows only:
-                    # sum_j weights[j] * v_j, as one dot over the visible rows.
+                    # Weighted sum of the visible value rows only, sum_j weights[j] * v_j,
+                    # elementwise for the same reason as the scores.
                     if visible:
-                        acc = np.dot(np.array(weights, dtype=np.float64), v_mat[visible])
+                        w = np.array(weights, dtype=np.float64)
+                        acc = np.sum(w[:, None] * v_mat[visible], axis=0)
                         out[b, h, i] = acc / z
+                        probs[b, h, i, visible] = np.array(weights) / z
                     else:
                         out[b, h, i] = 0.0
                     lse[b, h, i] = m + math.log(z)
 
+    if return_weights:
+        return out, lse, probs
     return out, lse
 
 

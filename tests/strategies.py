@@ -16,6 +16,7 @@ def problem_specs(
     causal: bool | None = None,
     logit_sizes: tuple[float, ...] = (1.0, 30.0, 1e4),
     poison: bool | None = None,
+    nan_slots: bool | None = None,
     options: bool = True,
 ) -> ProblemSpec:
     """Any attention problem, every option switched on or off by the draw."""
@@ -42,5 +43,6 @@ def problem_specs(
         scale=draw(st.none() | st.floats(0.01, 2.0)) if options else None,
         logit_size=draw(st.sampled_from(logit_sizes)),
         poison=draw(st.booleans()) if poison is None else poison,
+        nan_slots=(draw(st.booleans()) if options else False) if nan_slots is None else nan_slots,
         seed=draw(st.integers(0, 2**32 - 1)),
     )

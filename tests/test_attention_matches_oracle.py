@@ -24,7 +24,7 @@ def test_attention_equals_oracle_for_every_option(case: Case, spec: ProblemSpec)
     assert agreement.passed, agreement
 
 
-@given(spec=problem_specs(logit_sizes=(1e4,), max_len=12))
+@given(spec=problem_specs(logit_sizes=(1e4,), max_len=12, nan_slots=False))
 def test_logits_near_1e4_neither_overflow_nor_lose_accuracy(case: Case, spec: ProblemSpec) -> None:
     problem = build_problem(spec)
     arrays = rounded_arrays(problem, case.dtype)
@@ -34,7 +34,11 @@ def test_logits_near_1e4_neither_overflow_nor_lose_accuracy(case: Case, spec: Pr
     assert agreement.passed, agreement
 
 
-@given(spec=problem_specs(poison=True, layouts=("top_left", "left_padded", "scattered")))
+@given(
+    spec=problem_specs(
+        poison=True, nan_slots=False, layouts=("top_left", "left_padded", "scattered")
+    )
+)
 def test_nan_in_slots_no_query_sees_never_reaches_the_output(case: Case, spec: ProblemSpec) -> None:
     problem = build_problem(spec)
     assert np.isnan(problem.k[:, :, ~seen_slots(problem).any(axis=0)]).all()
@@ -43,7 +47,7 @@ def test_nan_in_slots_no_query_sees_never_reaches_the_output(case: Case, spec: P
     assert not np.isnan(lse).any()
 
 
-@given(spec=problem_specs(), data=st.data())
+@given(spec=problem_specs(nan_slots=False), data=st.data())
 def test_rows_with_no_visible_key_give_zero_and_minus_inf_lse(
     case: Case, spec: ProblemSpec, data: st.DataObject
 ) -> None:

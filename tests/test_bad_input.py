@@ -118,6 +118,34 @@ def test_softcap_must_be_positive_and_finite(qkv, softcap):
 def test_scale_must_be_a_finite_number(qkv):
     with _raises(TypeError, "scale must be a finite real number or None; got 'big'"):
         attention(*qkv, scale="big")  # type: ignore[arg-type]
+    with _raises(ValueError, "scale must be finite; got inf"):
+        attention(*qkv, scale=float("inf"))
+
+
+def test_missing_arrays_and_zero_head_dim_are_named(qkv):
+    q, k, v = qkv
+    with _raises(TypeError, "q must be an array; got None"):
+        attention(None, k, v)
+    with _raises(ValueError, "q has head dim 0; expected >= 1"):
+        attention(q[..., :0], k[..., :0], v)
+
+
+def test_flags_must_be_booleans(qkv):
+    with _raises(TypeError, "causal must be True or False; got 'no'"):
+        attention(*qkv, causal="no")  # type: ignore[arg-type]
+
+
+def test_arrays_on_another_device_are_named():
+    import array_api_strict as xs
+
+    rng = np.random.default_rng(0)
+    cpu, other = xs.Device("CPU_DEVICE"), xs.Device("device1")
+    q, k, v = (
+        xs.asarray(rng.standard_normal(s), device=cpu)
+        for s in ((1, 1, 2, 4), (1, 1, 3, 4), (1, 1, 3, 4))
+    )
+    with _raises(ValueError, "k_pos is on device", "but q is on"):
+        attention(q, k, v, k_pos=xs.arange(3, device=other))
 
 
 def test_alibi_slopes_and_sinks_need_one_value_per_query_head(qkv):

@@ -172,10 +172,13 @@ class CacheMachine(RuleBasedStateMachine):
         v = np.stack(self.values[b], axis=1)[None]
         L, n = k.shape[2], q.shape[2]
         options = window_options(self.cache)
-        ref, _ = oracle_attention(
-            q, k, v, causal=True, q_pos=np.arange(L - n, L), k_pos=np.arange(L), **options
-        )
-        allowed = spec_error_bound({"q": q, "k": k, "v": v}, dtype=self.case.dtype).out
+        ref, _, weights = oracle_attention(
+            q, k, v, causal=True, q_pos=np.arange(L - n, L), k_pos=np.arange(L), **options,
+            return_weights=True,
+        )  # fmt: skip
+        allowed = spec_error_bound(
+            {"q": q, "k": k, "v": v}, dtype=self.case.dtype, out=ref, weights=weights
+        ).out
         if isinstance(self.cache, QuantizedCache):
             allowed += quantized_error_bound(q, k, v, bits=self.cache.bits, dtype=self.case.dtype)
         error = max_abs_error(out, ref)

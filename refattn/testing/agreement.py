@@ -1,7 +1,8 @@
 """Run one problem on one (backend, device, dtype) and measure it against an oracle.
 
 The oracle is any function with the signature of ``attention`` that returns
-``(out, lse)`` in float64 NumPy; the tests and ``refattn verify`` pass the
+``(out, lse)`` in float64 NumPy, and ``(out, lse, weights)`` when called with
+``return_weights=True``; the tests and ``refattn verify`` pass the
 independent loop oracle. Inputs are rounded to the dtype under test first, and
 the oracle sees the same rounded values, so only the implementation's own
 error is measured. The allowed error is the tighter of the spec's error bound
@@ -29,7 +30,7 @@ from refattn.testing.tolerance import (
     spec_error_bound,
 )
 
-Oracle = Callable[..., tuple[np.ndarray, np.ndarray]]
+Oracle = Callable[..., Any]
 
 _FLOATS = ("q", "k", "v", "bias", "alibi_slopes", "sink_logits")
 
@@ -80,9 +81,9 @@ def measure(problem: Problem, case: Case, oracle: Oracle) -> Agreement:
     """Run ``problem`` on ``case`` and compare it with ``oracle``."""
     arrays = rounded_arrays(problem, case.dtype)
     scalars = problem.scalars()
-    ref_out, ref_lse = oracle(**arrays, **scalars)
+    ref_out, ref_lse, weights = oracle(**arrays, **scalars, return_weights=True)
     out, lse = run_spec(case, arrays, scalars)
-    bound = _bound(arrays, case.dtype, scalars, ref_lse)
+    bound = _bound(arrays, case.dtype, scalars, ref_out, ref_lse, weights)
     allowed, lse_allowed = bound.out, bound.lse
     if case.backend.name != "numpy":
         spec_out, spec_lse = run_spec(Case(BACKENDS["numpy"], "cpu", case.dtype), arrays, scalars)
@@ -119,7 +120,7 @@ def measure_decode(problem: Problem, chunks: list[int], case: Case, oracle: Orac
         raise ValueError(f"chunks must add up to {problem.q.shape[2]}; got {chunks}")
     arrays = rounded_arrays(problem, case.dtype)
     scalars = {**problem.scalars(), "causal": True}
-    ref_out, ref_lse = oracle(**arrays, **scalars)
+    ref_out, ref_lse, weights = oracle(**arrays, **scalars, return_weights=True)
     default_positions = problem.spec.layout == "bottom_right"
     outs, lses, end = [], [], 0
     for size in chunks:
@@ -138,7 +139,7 @@ def measure_decode(problem: Problem, chunks: list[int], case: Case, oracle: Orac
         outs.append(out)
         lses.append(lse)
     decoded, decoded_lse = np.concatenate(outs, axis=2), np.concatenate(lses, axis=2)
-    bound = _bound(arrays, case.dtype, scalars, ref_lse)
+    bound = _bound(arrays, case.dtype, scalars, ref_out, ref_lse, weights)
     return Agreement(
         error=max_abs_error(decoded, ref_out),
         allowed=bound.out,
@@ -148,7 +149,18 @@ def measure_decode(problem: Problem, chunks: list[int], case: Case, oracle: Orac
 
 
 def _bound(
-    arrays: dict[str, np.ndarray], dtype: str, scalars: dict[str, Any], ref_lse: np.ndarray
+    arrays: dict[str, np.ndarray],
+    dtype: str,
+    scalars: dict[str, Any],
+    ref_out: np.ndarray,
+    ref_lse: np.ndarray,
+    weights: np.ndarray,
 ) -> ErrorBound:
-    lse_scale = max(1.0, finite_max_abs(ref_lse))
-    return spec_error_bound(arrays, dtype=dtype, scale=scalars["scale"], lse_scale=lse_scale)
+    return spec_error_bound(
+        arrays,
+        dtype=dtype,
+        scale=scalars["scale"],
+        lse_scale=max(1.0, finite_max_abs(ref_lse)),
+        out=ref_out,
+        weights=weights,
+    )

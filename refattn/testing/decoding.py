@@ -164,12 +164,10 @@ def measure_cache(
     worst: Agreement | None = None
     for b in range(arrays["q"].shape[0]):
         row = {name: arrays[name][b : b + 1] for name in ("q", "k", "v")}
-        ref_out, ref_lse = oracle(**row, causal=True, **attend)
-        finite = np.abs(ref_lse[np.isfinite(ref_lse)])
-        lse_scale = float(finite.max()) if finite.size else 1.0
+        ref_out, _, weights = oracle(**row, causal=True, **attend, return_weights=True)
         bounds = {**row, **{n: x for n, x in options.items() if isinstance(x, np.ndarray)}}
         allowed = spec_error_bound(
-            bounds, dtype=case.dtype, scale=options.get("scale"), lse_scale=lse_scale
+            bounds, dtype=case.dtype, scale=options.get("scale"), out=ref_out, weights=weights
         ).out
         if isinstance(cache, QuantizedCache):
             allowed += quantized_error_bound(

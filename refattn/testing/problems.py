@@ -10,7 +10,8 @@ The corners drawn are the ones where implementations break: queries at the
 end of a longer cache (bottom-right), top-left alignment, per-row positions
 under left padding, empty slots (``k_pos = -1``) in any order as in a ring
 buffer, fully masked rows, window edges, logits large enough to overflow a
-softmax without max subtraction, and NaN planted in slots no query can see.
+softmax without max subtraction, NaN planted in slots no query can see, and
+NaN in slots only some queries see.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ProblemSpec:
     scale: float | None = None
     logit_size: float = 1.0
     poison: bool = False
+    nan_slots: bool = False
     seed: int = 0
 
 
@@ -110,6 +112,12 @@ def build_problem(spec: ProblemSpec) -> Problem:
     problem = Problem(spec, q, k, v, q_pos, k_pos, mask, bias, slopes, sinks)
     if spec.poison:
         _poison_unseen_slots(problem)
+    if spec.nan_slots:
+        # NaN in some held slots, seen by some queries and not others: only the
+        # queries that see one may turn NaN.
+        hit = (rng.random((B, Sk)) < 0.2)[:, None, :, None]
+        problem.k = np.where(hit & (rng.random((1, 1, 1, D)) < 0.5), np.nan, problem.k)
+        problem.v = np.where(hit & (rng.random((1, 1, 1, Dv)) < 0.5), np.nan, problem.v)
     return problem
 
 
@@ -183,5 +191,6 @@ def random_spec(rng: np.random.Generator, *, seed: int | None = None) -> Problem
         scale=float(rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None,
         logit_size=float(rng.choice([1.0, 1.0, 100.0, 1e4])),
         poison=bool(rng.random() < 0.3),
+        nan_slots=bool(rng.random() < 0.1),
         seed=int(rng.integers(2**31)) if seed is None else seed,
     )
