@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.add_argument("--problems", type=int, default=100, help="attention problems per case")
     verify.add_argument("--sequences", type=int, default=30, help="chunked sequences per case")
+    verify.add_argument(
+        "--histories", type=int, default=10, help="decoding histories per cache kind and case"
+    )
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument(
         "--backends", help="comma-separated backends to run (default: REFATTN_BACKENDS or all)"
@@ -33,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.backends:
             os.environ["REFATTN_BACKENDS"] = args.backends
-        return verify_module.main(problems=args.problems, sequences=args.sequences, seed=args.seed)
+        return verify_module.main(
+            problems=args.problems,
+            sequences=args.sequences,
+            histories=args.histories,
+            seed=args.seed,
+        )
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -1,11 +1,14 @@
 """``refattn verify``: the spec on every available backend and dtype, against the loop oracle.
 
-Two properties per (backend, device, dtype):
+Properties per (backend, device, dtype):
 
 * ``= oracle``: random attention problems, every option drawn, compared with
   the independent float64 loop oracle under refattn's tolerance rules;
 * ``decode = full``: random sequences decoded in random chunks, compared with
-  the oracle's full causal pass.
+  the oracle's full causal pass;
+* ``cache: <kind>``: random rows fed through each KV cache kind in ragged
+  steps, each row compared with the oracle's full causal pass over its history
+  (windowed with sinks for the ring; within its stated bound for int8).
 
 Problems come from a seeded NumPy generator, so a run is repeatable and a
 failing row names a problem that can be rebuilt from its spec.
@@ -15,12 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends import cases as all_cases
-from refattn.testing.agreement import Agreement, Oracle, measure, measure_decode, share
+from refattn.testing.agreement import (
+    Agreement,
+    Oracle,
+    measure,
+    measure_decode,
+    rounded_arrays,
+    share,
+)
+from refattn.testing.decoding import CACHE_KINDS, Step, make_cache, measure_cache, random_steps
 from refattn.testing.problems import ProblemSpec, build_problem, random_spec
 
 
@@ -70,12 +82,36 @@ def decode_spec(rng: np.random.Generator) -> tuple[ProblemSpec, list[int]]:
     return spec, chunks
 
 
+def cache_history(rng: np.random.Generator) -> tuple[ProblemSpec, list[Step], dict[str, Any]]:
+    """Rows of tokens, a ragged schedule, and the cache's own parameters."""
+    kv_heads = int(rng.integers(1, 3))
+    spec = ProblemSpec(
+        batch=int(rng.integers(1, 4)),
+        q_heads=kv_heads * int(rng.integers(1, 3)),
+        kv_heads=kv_heads,
+        q_len=(n := int(rng.integers(1, 20))),
+        k_len=n,
+        head_dim=(d := int(rng.choice([3, 8, 16]))),
+        value_dim=d,
+        causal=True,
+        seed=int(rng.integers(2**31)),
+    )
+    steps = random_steps(rng, spec.batch, n)
+    shape: dict[str, Any] = {
+        "window": int(rng.integers(1, 8)),
+        "sink_tokens": int(rng.integers(0, 3)),
+        "block_size": int(rng.integers(1, 5)),
+    }
+    return spec, steps, shape
+
+
 def run(
     cases: Iterable[Case],
     oracle: Oracle,
     *,
     problems: int = 100,
     sequences: int = 30,
+    histories: int = 10,
     seed: int = 0,
     progress: Callable[[Row], None] | None = None,
 ) -> list[Row]:
@@ -83,6 +119,7 @@ def run(
     rng = np.random.default_rng(seed)
     attention_specs = [random_spec(rng) for _ in range(problems)]
     decode_specs = [decode_spec(rng) for _ in range(sequences)]
+    cache_histories = [cache_history(rng) for _ in range(histories)]
     rows = []
     for case in cases:
         row = Row(case, "= oracle")
@@ -93,6 +130,16 @@ def run(
         for spec, chunks in decode_specs:
             decode_row.add(spec, measure_decode(build_problem(spec), chunks, case, oracle))
         rows.append(decode_row)
+        for kind in CACHE_KINDS:
+            cache_row = Row(case, f"cache: {kind}")
+            for spec, steps, shape in cache_histories:
+                arrays = rounded_arrays(build_problem(spec), case.dtype)
+                cache = make_cache(
+                    kind, case, batch=spec.batch, kv_heads=spec.kv_heads,
+                    head_dim=spec.head_dim, capacity=spec.k_len, **shape,
+                )  # fmt: skip
+                cache_row.add(spec, measure_cache(cache, case, arrays, steps, oracle))
+            rows.append(cache_row)
         if progress is not None:
             progress(decode_row)
     return rows
@@ -130,7 +177,7 @@ def format_table(rows: list[Row], skipped: dict[str, str]) -> str:
     return "\n".join(text)
 
 
-def main(*, problems: int, sequences: int, seed: int) -> int:
+def main(*, problems: int, sequences: int, histories: int = 10, seed: int) -> int:
     """Run verify on every selected backend; print the table; 0 if everything passed."""
     from refattn.tests.oracle import oracle_attention
 
@@ -141,7 +188,8 @@ def main(*, problems: int, sequences: int, seed: int) -> int:
     cases = all_cases()
     print(
         f"refattn verify: {len(cases)} backend/device/dtype cases, {problems} problems "
-        f"and {sequences} chunked sequences each, seed {seed}",
+        f"{sequences} chunked sequences and {histories} histories per cache kind each, "
+        f"seed {seed}",
         flush=True,
     )
     rows = run(
@@ -149,6 +197,7 @@ def main(*, problems: int, sequences: int, seed: int) -> int:
         oracle_attention,
         problems=problems,
         sequences=sequences,
+        histories=histories,
         seed=seed,
         progress=lambda row: print(f"  checked {row.case.id}", flush=True),
     )

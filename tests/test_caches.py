@@ -296,7 +296,10 @@ def test_which_physical_blocks_a_paged_row_uses_changes_nothing(
     order = data.draw(st.permutations(range(blocks)), label="block_order")
     in_order = _decode("paged", cache_case, arrays, steps, block_size=1)
     shuffled = _decode("paged", cache_case, arrays, steps, block_size=1, block_order=order)
-    np.testing.assert_array_equal(shuffled, in_order)
+    # Equal to rounding: unused blocks hold NaN, and which of them pad a gathered
+    # row decides whether the values take the fast product or the exact sum.
+    assert not np.isnan(shuffled).any()
+    assert max_abs_error(shuffled, in_order) <= 2 * _allowed(arrays, cache_case.dtype)
 
 
 # -- positional encodings through the cache --------------------------------------

@@ -68,11 +68,18 @@ class KVCache(ABC):
 
     # -- the contract -------------------------------------------------------
 
-    @abstractmethod
     def update(
         self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
     ) -> tuple[Array, Array, Array]:
         """Append the new tokens; return (k, v, k_pos) for their queries to attend to."""
+        self.append(k_new, v_new, n_new)
+        return self.view()
+
+    def append(
+        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
+    ) -> None:
+        """Store the new tokens without reading anything back (what the benchmark times)."""
+        self._append(k_new, v_new, self._check_new(k_new, v_new, n_new))
 
     @abstractmethod
     def view(self) -> tuple[Array, Array, Array]:
@@ -102,6 +109,10 @@ class KVCache(ABC):
             self._lengths[b] = 0
 
     # -- what each cache kind supplies --------------------------------------
+
+    @abstractmethod
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
+        """Write n[b] real tokens of each row; inputs are already checked."""
 
     @abstractmethod
     def _storage(self) -> list[Array]:

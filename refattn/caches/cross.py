@@ -63,11 +63,12 @@ class CrossAttentionCache(KVCache):
                 "CrossAttentionCache already holds encoder states; reset() it before "
                 "storing a new input, or call update(None, None) to reuse them"
             )
-        n = self._check_new(k_new, v_new, n_new)
+        return super().update(k_new, v_new, n_new)
+
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         self.positions = self._new_positions(n, k_new.shape[2])
         self.keys, self.values = k_new, v_new
         self._lengths = n
-        return self.view()
 
     def view(self) -> tuple[Array, Array, Array]:
         return self.keys, self.values, self.positions

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache
@@ -48,17 +47,13 @@ class DynamicCache(KVCache):
         self.values = xp.zeros((B, H, 0, self.value_dim), dtype=self.dtype, device=self.device)
         self.positions = xp.zeros((B, 0), dtype=xp.int64, device=self.device)
 
-    def update(
-        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
-    ) -> tuple[Array, Array, Array]:
-        n = self._check_new(k_new, v_new, n_new)
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         xp = self.xp
         new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
         self.keys = xp.concat([self.keys, k_new], axis=2)  # a full copy, every time
         self.values = xp.concat([self.values, v_new], axis=2)
         self.positions = xp.concat([self.positions, new_pos], axis=1)
         self._lengths = [length + m for length, m in zip(self._lengths, n, strict=True)]
-        return self.view()
 
     def view(self) -> tuple[Array, Array, Array]:
         return self.keys, self.values, self.positions

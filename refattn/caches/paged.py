@@ -80,10 +80,7 @@ class PagedCache(KVCache):
         self.free_blocks: list[int] = order
         self.references = [0] * num_blocks  # rows whose table holds each block
 
-    def update(
-        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
-    ) -> tuple[Array, Array, Array]:
-        n = self._check_new(k_new, v_new, n_new)
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         needed = self._blocks_needed(n)
         if needed > len(self.free_blocks):
             raise ValueError(
@@ -93,8 +90,7 @@ class PagedCache(KVCache):
         for b in range(self.batch):
             if n[b]:
                 self._copy_shared_tail(b)
-            self._append(b, k_new[b, :, : n[b], :], v_new[b, :, : n[b], :])
-        return self.view()
+            self._write_row(b, k_new[b, :, : n[b], :], v_new[b, :, : n[b], :])
 
     def _blocks_needed(self, n: list[int]) -> int:
         """New blocks the rows need for n[b] more tokens each, copies-on-write included.
@@ -125,7 +121,7 @@ class PagedCache(KVCache):
         self.references[new] = 1
         table[-1] = new
 
-    def _append(self, b: int, k: Array, v: Array) -> None:
+    def _write_row(self, b: int, k: Array, v: Array) -> None:
         """Write row b's new tokens, (Hkv, n, D), block by block."""
         done, n = 0, k.shape[1]
         while done < n:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
@@ -88,10 +87,7 @@ class QuantizedCache(KVCache):
         xp = self.xp
         return xp.astype(xp.astype(codes, xp.float32) * scale, self.dtype)
 
-    def update(
-        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
-    ) -> tuple[Array, Array, Array]:
-        n = self._check_new(k_new, v_new, n_new)
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         for b in range(self.batch):
             if self._lengths[b] + n[b] > self.max_len:
                 raise ValueError(
@@ -110,7 +106,6 @@ class QuantizedCache(KVCache):
             self.value_scales = self._write(self.value_scales, slots, v_scales)
             self.positions = self._write(self.positions, (b, slice(start, end)), new_pos[b, : n[b]])
             self._lengths[b] = end
-        return self.view()
 
     def view(self) -> tuple[Array, Array, Array]:
         """The held slots, dequantized: (B, Hkv, max length, D) in the cache's dtype."""

@@ -80,14 +80,21 @@ class SlidingWindowCache(KVCache):
     ) -> tuple[Array, Array, Array]:
         n = self._check_new(k_new, v_new, n_new)
         xp, T = self.xp, k_new.shape[2]
-        new_pos = self._new_positions(n, T)  # (B, T)
-        if T > 1:  # the old slots, then the chunk: built before the write overwrites them
-            k, v, k_pos = self.view()
-            seen = (
-                xp.concat([k, k_new], axis=2),
-                xp.concat([v, v_new], axis=2),
-                xp.concat([k_pos, new_pos], axis=1),
-            )
+        if T == 1:  # the slots after the write are exactly the window
+            self._append(k_new, v_new, n)
+            return self.view()
+        # The old slots, then the chunk: built before the write overwrites them.
+        k, v, k_pos = self.view()
+        seen = (
+            xp.concat([k, k_new], axis=2),
+            xp.concat([v, v_new], axis=2),
+            xp.concat([k_pos, self._new_positions(n, T)], axis=1),
+        )
+        self._append(k_new, v_new, n)
+        return seen
+
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
+        new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
         for b in range(self.batch):
             for first, last in self._kept_runs(self._lengths[b], n[b]):
                 # Positions first .. last - 1 fill consecutive slots without wrapping.
@@ -98,7 +105,6 @@ class SlidingWindowCache(KVCache):
                 self.values = self._write(self.values, where, v_new[b, :, tokens, :])
                 self.positions = self._write(self.positions, (b, slots), new_pos[b, tokens])
             self._lengths[b] += n[b]
-        return seen if T > 1 else self.view()
 
     def _kept_runs(self, length: int, n: int) -> list[tuple[int, int]]:
         """Runs [first, last) of the new positions still held after the write, each

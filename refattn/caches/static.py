@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
@@ -55,10 +54,7 @@ class StaticCache(KVCache):
         )
         self.positions = xp.full((B, max_len), -1, dtype=xp.int64, device=self.device)
 
-    def update(
-        self, k_new: Array, v_new: Array, n_new: Array | Sequence[int] | None = None
-    ) -> tuple[Array, Array, Array]:
-        n = self._check_new(k_new, v_new, n_new)
+    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         for b in range(self.batch):
             if self._lengths[b] + n[b] > self.max_len:
                 raise ValueError(
@@ -73,7 +69,6 @@ class StaticCache(KVCache):
             self.values = self._write(self.values, slots, v_new[b, :, : n[b], :])
             self.positions = self._write(self.positions, (b, slice(start, end)), new_pos[b, : n[b]])
             self._lengths[b] = end
-        return self.view()
 
     def view(self) -> tuple[Array, Array, Array]:
         used = max(self._lengths)
