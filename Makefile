@@ -14,7 +14,7 @@ verify: $(STAMP)
 	$(BIN)/refattn verify
 
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
