@@ -161,6 +161,15 @@ class KVCache(ABC):
             raise ValueError(f"k_new has {T} tokens but v_new has {v_new.shape[2]}")
         return _counts(n_new, self.batch, T)
 
+    def _check_room(self, n: list[int], max_len: int) -> None:
+        """Refuse, before any write, an update that would take a row past ``max_len``."""
+        for b, (length, m) in enumerate(zip(self._lengths, n, strict=True)):
+            if length + m > max_len:
+                raise ValueError(
+                    f"{type(self).__name__} overflow: row {b} holds {length} tokens and "
+                    f"{m} more would exceed max_len={max_len}"
+                )
+
     def _write(self, store: Array, index: tuple[Any, ...], values: Array) -> Array:
         """``store[index] = values`` through array-api-extra, so immutable arrays work too."""
         return xpx.at(store, index).set(values)

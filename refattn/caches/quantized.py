@@ -88,12 +88,7 @@ class QuantizedCache(KVCache):
         return xp.astype(xp.astype(codes, xp.float32) * scale, self.dtype)
 
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
-        for b in range(self.batch):
-            if self._lengths[b] + n[b] > self.max_len:
-                raise ValueError(
-                    f"QuantizedCache overflow: row {b} holds {self._lengths[b]} tokens and "
-                    f"{n[b]} more would exceed max_len={self.max_len}"
-                )
+        self._check_room(n, self.max_len)
         new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
         for b in range(self.batch):
             start, end = self._lengths[b], self._lengths[b] + n[b]

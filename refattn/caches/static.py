@@ -55,12 +55,7 @@ class StaticCache(KVCache):
         self.positions = xp.full((B, max_len), -1, dtype=xp.int64, device=self.device)
 
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
-        for b in range(self.batch):
-            if self._lengths[b] + n[b] > self.max_len:
-                raise ValueError(
-                    f"StaticCache overflow: row {b} holds {self._lengths[b]} tokens and "
-                    f"{n[b]} more would exceed max_len={self.max_len}"
-                )
+        self._check_room(n, self.max_len)
         new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
         for b in range(self.batch):
             start, end = self._lengths[b], self._lengths[b] + n[b]
