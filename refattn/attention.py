@@ -119,15 +119,13 @@ def attention(
     >>> float(out[0, 0, 0, 0]), float(np.exp(lse[0, 0, 0]))
     (1.5, 2.0)
     """
-    xp = namespace_of(
-        q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias,
-        alibi_slopes=alibi_slopes, sink_logits=sink_logits,
-    )  # fmt: skip
+    arrays = {
+        "q": q, "k": k, "v": v, "q_pos": q_pos, "k_pos": k_pos, "mask": mask, "bias": bias,
+        "alibi_slopes": alibi_slopes, "sink_logits": sink_logits,
+    }  # fmt: skip
+    xp = namespace_of(**arrays)
     check_qkv(xp, q, k, v)
-    check_devices(
-        q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias,
-        alibi_slopes=alibi_slopes, sink_logits=sink_logits,
-    )  # fmt: skip
+    check_devices(**arrays)
     check_flags(causal=causal, return_lse=return_lse)
     check_scalars(scale, window, softcap, sink_tokens)
     B, Hq, Sq, D = q.shape

@@ -127,12 +127,15 @@ def check_per_head(xp: Namespace, name: str, x: Array, shapes: tuple[tuple[int, 
         raise ValueError(f"{name} must have shape {expected}; got {tuple(x.shape)}")
 
 
-def check_devices(q: Array, **arrays: Array | None) -> None:
-    """Every array must live on q's device."""
-    where = device(q)
-    for name, x in arrays.items():
+def check_devices(**arrays: Array | None) -> None:
+    """Every array must live on the device of the first (q)."""
+    (first, x0), *rest = arrays.items()
+    where = device(x0)
+    for name, x in rest:
         if x is not None and device(x) != where:
-            raise ValueError(f"{name} is on device {device(x)} but q is on {where}; move it to q's")
+            raise ValueError(
+                f"{name} is on device {device(x)} but {first} is on {where}; move it to {first}'s"
+            )
 
 
 def check_flags(**flags: Any) -> None:
