@@ -305,10 +305,14 @@ def test_which_physical_blocks_a_paged_row_uses_changes_nothing(
 # -- positional encodings through the cache --------------------------------------
 
 
-@pytest.mark.parametrize("style", ["neox", "interleaved"])
-@given(history=histories(), theta=st.sampled_from([100.0, 10000.0]))
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+@given(
+    history=histories(),
+    style=st.sampled_from(["neox", "interleaved"]),
+    theta=st.sampled_from([100.0, 10000.0]),
+)
 def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
-    cache_case: Case, style: str, history, theta: float
+    kind: str, cache_case: Case, history, style: str, theta: float
 ) -> None:
     """Keys are rotated at their absolute positions once, before they are cached."""
     from refattn import rope
@@ -316,23 +320,24 @@ def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
 
     arrays, steps = history
     arrays = {name: _rounded(x, cache_case.dtype) for name, x in arrays.items()}
-    D = arrays["q"].shape[-1]
+    B, Hkv, S, D = arrays["k"].shape
     rotary_dim = D - D % 2
-    if rotary_dim == 0:
-        return
 
     def encode(name: str, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return rope(x, positions, theta=theta, style=style, rotary_dim=rotary_dim)
 
-    B, Hkv, S, _ = arrays["k"].shape
-    cache = make_cache("static", cache_case, batch=B, kv_heads=Hkv, head_dim=D, capacity=S)
+    cache = make_cache(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, capacity=S)
     decoded = decode_schedule(cache, cache_case, arrays, steps, encode=encode)
-    positions = np.arange(S)
-    full = {n: encode(n, arrays[n], positions) for n in ("q", "k")}
-    ref, _ = oracle_attention(full["q"], full["k"], arrays["v"], causal=True)
-    allowed = 2 * spec_error_bound({**full, "v": arrays["v"]}, dtype=cache_case.dtype).out
-    # RoPE itself runs in float32 for low-precision inputs: its rounding is not the cache's.
-    allowed += 4 * 2.0**-22 * float(np.abs(arrays["v"]).max()) * D * S
+    # The same rotation of the whole sequence, rounded as the decoded chunks were.
+    full = {n: _rounded(encode(n, arrays[n], np.arange(S)), cache_case.dtype) for n in "qk"}
+    full["v"] = arrays["v"]
+    ref, _, weights = oracle_attention(
+        **full, causal=True, **window_options(cache), return_weights=True
+    )
+    allowed = spec_error_bound(full, dtype=cache_case.dtype, out=ref, weights=weights).out
+    if isinstance(cache, QuantizedCache):
+        q, k, v = full["q"], full["k"], full["v"]
+        allowed += quantized_error_bound(q, k, v, bits=cache.bits, dtype=cache_case.dtype)
     assert max_abs_error(decoded, ref) <= allowed
 
 
