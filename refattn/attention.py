@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from array_api_compat import device
 
@@ -119,6 +121,69 @@ def attention(
     >>> float(out[0, 0, 0, 0]), float(np.exp(lse[0, 0, 0]))
     (1.5, 2.0)
     """
+    call = prepare(
+        q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, scale=scale,
+        window=window, sink_tokens=sink_tokens, softcap=softcap, alibi_slopes=alibi_slopes,
+        sink_logits=sink_logits, return_lse=return_lse,
+    )  # fmt: skip
+    xp = call.xp
+    s, visible = scores(call, slice(None), slice(None))  # (B, Hkv, G, Sq, Sk) each
+    p, lse = masked_softmax(xp, s, visible, call.sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
+    out = weighted_sum(xp, p, call.v, visible)  # (B, Hkv, G, Sq, Dv)
+    return call.finish(out, lse)
+
+
+@dataclass
+class Call:
+    """One attention call's inputs, checked, in the compute dtype, positions concrete."""
+
+    xp: Namespace
+    q: Array  # (B, Hq, Sq, D)
+    k: Array  # (B, Hkv, Sk, D)
+    v: Array  # (B, Hkv, Sk, Dv)
+    q_pos: Array  # (B or 1, Sq) int64
+    k_pos: Array  # (B or 1, Sk) int64
+    mask: Array | None  # grouped: (b, Hkv or 1, G or 1, Sq or 1, Sk or 1)
+    bias: Array | None  # grouped like mask, compute dtype
+    slopes: Array | None  # (B or 1, Hkv, G)
+    sink: Array | None  # (1, Hkv, G, 1, 1)
+    scale: float
+    causal: bool
+    window: int | None
+    sink_tokens: int
+    softcap: float | None
+    return_lse: bool
+    out_dtype: Any
+
+    def finish(self, out: Array, lse: Array) -> Array | tuple[Array, Array]:
+        """(B, Hkv, G, Sq, Dv) and (B, Hkv, G, Sq) back to the caller's layout and dtype."""
+        xp = self.xp
+        B, Hq, Sq, _ = self.q.shape
+        out = _cast(xp, xp.reshape(out, (B, Hq, Sq, out.shape[-1])), self.out_dtype)
+        if self.return_lse:
+            return out, xp.reshape(lse, (B, Hq, Sq))
+        return out
+
+
+def prepare(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool,
+    q_pos: Array | None,
+    k_pos: Array | None,
+    mask: Array | None,
+    bias: Array | None,
+    scale: float | None,
+    window: int | None,
+    sink_tokens: int,
+    softcap: float | None,
+    alibi_slopes: Array | None,
+    sink_logits: Array | None,
+    return_lse: bool,
+) -> Call:
+    """Check every argument, fill in default positions and cast to the compute dtype."""
     arrays = {
         "q": q, "k": k, "v": v, "q_pos": q_pos, "k_pos": k_pos, "mask": mask, "bias": bias,
         "alibi_slopes": alibi_slopes, "sink_logits": sink_logits,
@@ -129,46 +194,70 @@ def attention(
     check_flags(causal=causal, return_lse=return_lse)
     check_scalars(scale, window, softcap, sink_tokens)
     B, Hq, Sq, D = q.shape
-    _, Hkv, Sk, Dv = v.shape
+    _, Hkv, Sk, _ = v.shape
     G = Hq // Hkv
-    shape = (B, Hq, Sq, Sk)
     on = device(q)
-    out_dtype, dtype = q.dtype, compute_dtype(xp, q.dtype)
+    check_modifiers(xp, (B, Hq, Sq, Sk), mask=mask, bias=bias, alibi_slopes=alibi_slopes,
+                    sinks=sink_logits)  # fmt: skip
+    dtype = compute_dtype(xp, q.dtype)
+    return Call(
+        xp=xp,
+        q=_cast(xp, q, dtype),
+        k=_cast(xp, k, dtype),
+        v=_cast(xp, v, dtype),
+        q_pos=_positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on)),
+        k_pos=_positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on)),
+        mask=None if mask is None else group_heads(xp, mask, Hkv),
+        bias=None if bias is None else group_heads(xp, _cast(xp, bias, dtype), Hkv),
+        slopes=None
+        if alibi_slopes is None
+        else xp.reshape(_cast(xp, alibi_slopes, dtype), (-1, Hkv, G)),
+        sink=None
+        if sink_logits is None
+        else xp.reshape(_cast(xp, sink_logits, dtype), (1, Hkv, G, 1, 1)),
+        scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+        causal=causal,
+        window=window,
+        sink_tokens=sink_tokens,
+        softcap=softcap,
+        return_lse=return_lse,
+        out_dtype=q.dtype,
+    )
 
-    q_pos = _positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on))
-    k_pos = _positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on))
-    check_modifiers(xp, shape, mask=mask, bias=bias, alibi_slopes=alibi_slopes, sinks=sink_logits)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q, k, v = (_cast(xp, x, dtype) for x in (q, k, v))
 
-    # Scores, then each modifier in the order of the formula.
-    s = scaled_scores(xp, q, k, scale)  # (B, Hkv, G, Sq, Sk)
-    if softcap is not None:
-        s = softcap_scores(xp, s, softcap)
-    if alibi_slopes is not None:
-        slopes = xp.reshape(_cast(xp, alibi_slopes, dtype), (-1, Hkv, G))  # (B or 1, Hkv, G)
-        s = s + alibi_bias(xp, slopes, q_pos, k_pos)  # (B, Hkv, G, Sq, Sk)
-    if bias is not None:
-        s = s + group_heads(xp, _cast(xp, bias, dtype), Hkv)  # (B, Hkv, G, Sq, Sk)
+def scores(call: Call, queries: slice, keys: slice) -> tuple[Array, Array]:
+    """The scores of a block of queries against a block of keys, and which are visible.
 
-    # Which keys each query sees: positions, then the explicit mask.
-    visible = visibility(xp, q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
-    visible = visible[:, None, None, :, :]  # (B, 1, 1, Sq, Sk)
-    if mask is not None:
-        visible = visible & group_heads(xp, mask, Hkv)  # (B, Hkv, G, Sq, Sk)
+    Returns (B, Hkv, G, bq, bk) scores after every modifier, in the order of the
+    formula, and a boolean array broadcastable to them.
+    """
+    xp = call.xp
+    q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
+    q, k = call.q[:, :, queries, :], call.k[:, :, keys, :]
 
-    sink = None
-    if sink_logits is not None:
-        sink = xp.reshape(_cast(xp, sink_logits, dtype), (1, Hkv, G, 1, 1))
+    s = scaled_scores(xp, q, k, call.scale)  # (B, Hkv, G, bq, bk)
+    if call.softcap is not None:
+        s = softcap_scores(xp, s, call.softcap)
+    if call.slopes is not None:
+        s = s + alibi_bias(xp, call.slopes, q_pos, k_pos)  # (B, Hkv, G, bq, bk)
+    if call.bias is not None:
+        s = s + _block(call.bias, queries, keys)  # (B, Hkv, G, bq, bk)
 
-    p, lse = masked_softmax(xp, s, visible, sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
+    visible = visibility(
+        xp, q_pos, k_pos, causal=call.causal, window=call.window, sink_tokens=call.sink_tokens
+    )
+    visible = visible[:, None, None, :, :]  # (B, 1, 1, bq, bk)
+    if call.mask is not None:
+        visible = visible & _block(call.mask, queries, keys)  # (B, Hkv, G, bq, bk)
+    return s, visible
 
-    out = _weighted_sum(xp, p, v, visible)  # (B, Hkv, G, Sq, Dv)
-    out = xp.reshape(out, (B, Hq, Sq, Dv))  # (B, Hq, Sq, Dv)
-    out = _cast(xp, out, out_dtype)
-    if return_lse:
-        return out, xp.reshape(lse, (B, Hq, Sq))
-    return out
+
+def _block(x: Array, queries: slice, keys: slice) -> Array:
+    """Rows ``queries`` and columns ``keys`` of a grouped (..., Sq, Sk) array that may
+    broadcast along either axis (size 1 there)."""
+    rows = queries if x.shape[-2] != 1 else slice(None)
+    cols = keys if x.shape[-1] != 1 else slice(None)
+    return x[:, :, :, rows, cols]
 
 
 def _positions(
@@ -185,7 +274,7 @@ def _cast(xp: Namespace, x: Array, dtype: object) -> Array:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def _weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
+def weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
     """:math:`o_i = \\sum_j p_{ij} v_j` over visible keys only, (B, Hkv, G, Sq, Dv).
 
     With finite values this is one (G * Sq, Sk) x (Sk, Dv) product per KV head.
