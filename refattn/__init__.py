@@ -6,6 +6,7 @@ imports no framework: the namespace is found from the arrays passed in.
 """
 
 from refattn.attention import attention
+from refattn.blockwise import attention_blockwise, attention_split_kv
 from refattn.caches import (
     CrossAttentionCache,
     DynamicCache,
@@ -16,6 +17,7 @@ from refattn.caches import (
     StaticCache,
 )
 from refattn.encodings import alibi_slopes, rope
+from refattn.merge import merge_states, merge_states_n
 
 __all__ = [
     "CrossAttentionCache",
@@ -27,6 +29,10 @@ __all__ = [
     "StaticCache",
     "alibi_slopes",
     "attention",
+    "attention_blockwise",
+    "attention_split_kv",
+    "merge_states",
+    "merge_states_n",
     "rope",
 ]
 __version__ = "0.1.0"

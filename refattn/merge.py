@@ -79,8 +79,10 @@ def merge_states_n(outs: Sequence[Array], lses: Sequence[Array]) -> tuple[Array,
     for o, s in zip(outs, lses, strict=True):
         w = xp.exp(s - m)  # (...) 0 for an empty part
         total = total + w
-        # where, not w * o: an empty part's output must not leak, even as NaN.
-        acc = acc + xp.where(w[..., None] > 0, w[..., None] * xp.astype(o, dtype), zero)
+        # An empty part (lse = -inf) is dropped by where, so even a NaN in its output
+        # cannot leak; any other part keeps IEEE arithmetic (0 * NaN is NaN).
+        held = (s != neg_inf)[..., None]
+        acc = acc + xp.where(held, w[..., None] * xp.astype(o, dtype), zero)
     empty = total == 0
     total_safe = xp.where(empty, xp.ones_like(total), total)
     out = acc / total_safe[..., None]

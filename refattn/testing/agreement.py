@@ -67,26 +67,34 @@ def rounded_arrays(problem: Problem, dtype: str) -> dict[str, np.ndarray]:
     }
 
 
-def run_spec(case: Case, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> tuple[Any, Any]:
-    """``attention`` on the case's backend; returns (out, lse) as NumPy."""
+def run_spec(
+    case: Case,
+    arrays: dict[str, np.ndarray],
+    scalars: dict[str, Any],
+    fn: Callable[..., Any] = attention,
+) -> tuple[Any, Any]:
+    """``fn`` (``attention`` or a form of it) on the case's backend; (out, lse) as NumPy."""
     backend = case.backend
     on_backend = {
         name: backend.asarray(x, dtype=case.dtype, device=case.device) for name, x in arrays.items()
     }
-    out, lse = attention(**on_backend, **scalars, return_lse=True)
+    out, lse = fn(**on_backend, **scalars, return_lse=True)
     return backend.to_numpy(out), backend.to_numpy(lse)
 
 
-def measure(problem: Problem, case: Case, oracle: Oracle) -> Agreement:
-    """Run ``problem`` on ``case`` and compare it with ``oracle``."""
+def measure(
+    problem: Problem, case: Case, oracle: Oracle, fn: Callable[..., Any] = attention
+) -> Agreement:
+    """Run ``problem`` through ``fn`` on ``case`` and compare it with ``oracle``."""
     arrays = rounded_arrays(problem, case.dtype)
     scalars = problem.scalars()
     ref_out, ref_lse, weights = oracle(**arrays, **scalars, return_weights=True)
-    out, lse = run_spec(case, arrays, scalars)
+    out, lse = run_spec(case, arrays, scalars, fn)
     bound = _bound(arrays, case.dtype, scalars, ref_out, ref_lse, weights)
     allowed, lse_allowed = bound.out, bound.lse
     if case.backend.name != "numpy":
-        spec_out, spec_lse = run_spec(Case(BACKENDS["numpy"], "cpu", case.dtype), arrays, scalars)
+        numpy_case = Case(BACKENDS["numpy"], "cpu", case.dtype)
+        spec_out, spec_lse = run_spec(numpy_case, arrays, scalars, fn)
         rule = TOLERANCES[case.dtype]
         v_scale = finite_max_abs(arrays["v"])
         allowed = min(allowed, rule.allowed(max_abs_error(spec_out, ref_out), v_scale))

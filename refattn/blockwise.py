@@ -1,0 +1,182 @@
+r"""Blockwise attention: the online-softmax recurrence of FlashAttention, and split-KV decoding.
+
+A kernel never holds a whole row of scores. It walks the keys in blocks and
+keeps, per query, a running maximum :math:`m`, a running denominator
+:math:`\ell` and an unnormalised accumulator :math:`a`. For each key block
+with scores :math:`s_j`:
+
+.. math::
+
+    m' = \max(m, \max_j s_j), \qquad
+    \ell' = e^{m - m'} \ell + \sum_j e^{s_j - m'}, \qquad
+    a' = e^{m - m'} a + \sum_j e^{s_j - m'} v_j
+
+and at the end :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell`. A
+sink logit joins :math:`\ell` once, at the end. A key block that no query of
+the query block can see is skipped without being read, as a kernel skips the
+blocks above the causal diagonal. Every step reuses the pieces of
+:func:`refattn.attention`, so the two can only differ by rounding.
+
+Split-KV decoding (flash-decoding) cuts the keys into ``num_splits`` parts,
+attends to each separately and merges the partial states with
+:func:`refattn.merge_states_n`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device
+
+from refattn.attention import Call, prepare, scores, weighted_sum
+from refattn.merge import merge_states_n
+from refattn.namespace import Array, Namespace
+from refattn.softmax import masked_softmax
+
+
+def attention_blockwise(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    **options: Any,
+) -> Array | tuple[Array, Array]:
+    """:func:`refattn.attention`, computed block by block with an online softmax.
+
+    Parameters
+    ----------
+    q, k, v : as for :func:`refattn.attention`
+    block_q, block_k : block sizes along the queries and the keys; they need not
+        divide Sq or Sk (the last block is shorter)
+    **options : every keyword of :func:`refattn.attention`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refattn import attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((1, 2, 5, 8)), rng.standard_normal((2, 1, 2, 7, 8))
+    >>> out = attention_blockwise(q, k, v, block_q=2, block_k=3, causal=True)
+    >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
+    True
+    """
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    call = prepare(q, k, v, **_with_defaults(options))
+    xp = call.xp
+    Sq, Sk = call.q.shape[2], call.k.shape[2]
+    outs, lses = [], []
+    for q0 in range(0, Sq, block_q):
+        queries = slice(q0, min(q0 + block_q, Sq))
+        out, lse = _online_softmax(call, queries, [slice(k0, min(k0 + block_k, Sk))
+                                                  for k0 in range(0, Sk, block_k)])  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    if not outs:  # Sq = 0
+        s, visible = scores(call, slice(None), slice(None))
+        p, lse = masked_softmax(xp, s, visible, call.sink)
+        return call.finish(weighted_sum(xp, p, call.v, visible), lse)
+    return call.finish(xp.concat(outs, axis=3), xp.concat(lses, axis=3))
+
+
+def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple[Array, Array]:
+    """One query block over every key block: (B, Hkv, G, bq, Dv) and (B, Hkv, G, bq)."""
+    xp = call.xp
+    B, Hkv, G = call.q.shape[0], call.k.shape[1], call.q.shape[1] // call.k.shape[1]
+    bq = len(range(call.q.shape[2])[queries])
+    on, dtype = device(call.q), call.q.dtype
+    neg_inf = xp.asarray(-xp.inf, dtype=dtype, device=on)
+    m = xp.full((B, Hkv, G, bq, 1), -xp.inf, dtype=dtype, device=on)  # running max
+    denom = xp.zeros((B, Hkv, G, bq, 1), dtype=dtype, device=on)  # running denominator, l
+    acc = xp.zeros((B, Hkv, G, bq, call.v.shape[-1]), dtype=dtype, device=on)  # running a
+    for keys in key_blocks:
+        s, visible = scores(call, queries, keys)  # (B, Hkv, G, bq, bk)
+        if not bool(xp.any(visible)):
+            continue  # a block no query here can see: a kernel never loads it
+        s = xp.where(visible, s, neg_inf)
+        m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
+        shift = _finite_or_zero(xp, m_new)  # rows still empty shift by 0
+        rescale = xp.exp(m - shift)  # e^(m - m'), 0 while the row was empty
+        p = xp.exp(s - shift)  # (B, Hkv, G, bq, bk)
+        denom = rescale * denom + xp.sum(p, axis=-1, keepdims=True)
+        v = call.v[:, :, keys, :]
+        acc = rescale * acc + weighted_sum(xp, p, v, visible)
+        m = m_new
+    if call.sink is not None:  # the sink joins the denominator once
+        m_new = xp.maximum(m, call.sink)
+        shift = _finite_or_zero(xp, m_new)
+        rescale = xp.exp(m - shift)
+        denom = rescale * denom + xp.exp(call.sink - shift)
+        acc = rescale * acc
+        m = m_new
+    empty = denom == 0
+    l_safe = xp.where(empty, xp.ones_like(denom), denom)
+    lse = xp.where(empty, neg_inf, _finite_or_zero(xp, m) + xp.log(l_safe))
+    return acc / l_safe, lse[..., 0]
+
+
+def attention_split_kv(
+    q: Array, k: Array, v: Array, *, num_splits: int, **options: Any
+) -> Array | tuple[Array, Array]:
+    """:func:`refattn.attention` over ``num_splits`` contiguous parts of the keys, merged.
+
+    Flash-decoding's plan for one query and a long cache: every part is attended
+    to on its own (in parallel, on a GPU) and the partial states are merged
+    through their log-sum-exps. A sink logit is added once, after the merge.
+
+    >>> import numpy as np
+    >>> from refattn import attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((1, 4, 1, 8)), rng.standard_normal((2, 1, 2, 9, 8))
+    >>> out = attention_split_kv(q, k, v, num_splits=3, causal=True)
+    >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
+    True
+    """
+    _check_block("num_splits", num_splits)
+    call = prepare(q, k, v, **_with_defaults(options))
+    Sk = call.k.shape[2]
+    size = -(-Sk // num_splits) if Sk else 1
+    parts = [slice(k0, min(k0 + size, Sk)) for k0 in range(0, Sk, size)]
+    xp, sink = call.xp, call.sink
+    call.sink = None
+    states = [_online_softmax(call, slice(None), [part]) for part in parts]
+    if not states:
+        states = [_online_softmax(call, slice(None), [])]
+    out, lse = merge_states_n([o for o, _ in states], [s for _, s in states])
+    if sink is not None:
+        out, lse = _add_sink(xp, out, lse, sink[..., 0])
+    return call.finish(out, lse)
+
+
+def _add_sink(xp: Namespace, out: Array, lse: Array, sink: Array) -> tuple[Array, Array]:
+    """Add a sink logit to a merged state: it enlarges the denominator, adds no value."""
+    empty = xp.zeros_like(out)
+    sink_lse = xp.broadcast_to(sink, lse.shape)
+    return merge_states_n([out, empty], [lse, sink_lse])
+
+
+def _finite_or_zero(xp: Namespace, m: Array) -> Array:
+    return xp.where(xp.isinf(m), xp.zeros_like(m), m)
+
+
+def _check_block(name: str, n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {n!r}")
+
+
+_DEFAULTS = {
+    "causal": False, "q_pos": None, "k_pos": None, "mask": None, "bias": None, "scale": None,
+    "window": None, "sink_tokens": 0, "softcap": None, "alibi_slopes": None,
+    "sink_logits": None, "return_lse": False,
+}  # fmt: skip
+
+
+def _with_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {sorted(unknown)}; expected {sorted(_DEFAULTS)}"
+        )
+    return {**_DEFAULTS, **options}
