@@ -4,6 +4,9 @@ Properties per (backend, device, dtype):
 
 * ``= oracle``: random attention problems, every option drawn, compared with
   the independent float64 loop oracle under refattn's tolerance rules;
+* ``blockwise = oracle`` and ``split-KV = oracle``: the same problems through
+  the online-softmax form with random block sizes, and through split-KV
+  decoding with a random number of splits;
 * ``decode = full``: random sequences decoded in random chunks, compared with
   the oracle's full causal pass;
 * ``cache: <kind>``: random rows fed through each KV cache kind in ragged
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends import cases as all_cases
+from refattn.blockwise import attention_blockwise, attention_split_kv
 from refattn.testing.agreement import (
     Agreement,
     Oracle,
@@ -120,12 +125,28 @@ def run(
     attention_specs = [random_spec(rng) for _ in range(problems)]
     decode_specs = [decode_spec(rng) for _ in range(sequences)]
     cache_histories = [cache_history(rng) for _ in range(histories)]
+    forms = {
+        "blockwise = oracle": [
+            partial(attention_blockwise, block_q=int(rng.integers(1, 9)),
+                    block_k=int(rng.integers(1, 9)))
+            for _ in attention_specs
+        ],
+        "split-KV = oracle": [
+            partial(attention_split_kv, num_splits=int(rng.integers(1, 6)))
+            for _ in attention_specs
+        ],
+    }  # fmt: skip
     rows = []
     for case in cases:
         row = Row(case, "= oracle")
         for spec in attention_specs:
             row.add(spec, measure(build_problem(spec), case, oracle))
         rows.append(row)
+        for name, fns in forms.items():
+            form_row = Row(case, name)
+            for spec, fn in zip(attention_specs, fns, strict=True):
+                form_row.add(spec, measure(build_problem(spec), case, oracle, fn))
+            rows.append(form_row)
         decode_row = Row(case, "decode = full")
         for spec, chunks in decode_specs:
             decode_row.add(spec, measure_decode(build_problem(spec), chunks, case, oracle))

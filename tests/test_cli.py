@@ -20,6 +20,7 @@ def test_verify_prints_a_passing_table(capsys: pytest.CaptureFixture[str]) -> No
     for dtype in ("float64", "float32", "float16"):
         assert f"numpy    cpu     {dtype}" in printed
     assert "= oracle" in printed and "decode = full" in printed
+    assert "blockwise = oracle" in printed and "split-KV = oracle" in printed
     for kind in ("static", "dynamic", "sliding", "paged", "quantized"):
         assert f"cache: {kind}" in printed
     assert "torch: skipped (not in REFATTN_BACKENDS)" in printed
