@@ -57,7 +57,8 @@ def attention_blockwise(
     >>> import numpy as np
     >>> from refattn import attention
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((1, 2, 5, 8)), rng.standard_normal((2, 1, 2, 7, 8))
+    >>> q = rng.standard_normal((1, 2, 5, 8))
+    >>> k, v = rng.standard_normal((2, 1, 2, 7, 8))
     >>> out = attention_blockwise(q, k, v, block_q=2, block_k=3, causal=True)
     >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
     True
@@ -129,7 +130,8 @@ def attention_split_kv(
     >>> import numpy as np
     >>> from refattn import attention
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((1, 4, 1, 8)), rng.standard_normal((2, 1, 2, 9, 8))
+    >>> q = rng.standard_normal((1, 4, 1, 8))
+    >>> k, v = rng.standard_normal((2, 1, 2, 9, 8))
     >>> out = attention_split_kv(q, k, v, num_splits=3, causal=True)
     >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
     True
