@@ -129,18 +129,23 @@ def attention(
     xp = call.xp
     s, visible = scores(call, slice(None), slice(None))  # (B, Hkv, G, Sq, Sk) each
     p, lse = masked_softmax(xp, s, visible, call.sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
-    out = weighted_sum(xp, p, call.v, visible)  # (B, Hkv, G, Sq, Dv)
+    out = weighted_sum(xp, p, call.values(slice(None)), visible)  # (B, Hkv, G, Sq, Dv)
     return call.finish(out, lse)
 
 
 @dataclass
 class Call:
-    """One attention call's inputs, checked, in the compute dtype, positions concrete."""
+    """One attention call's inputs, checked, positions concrete.
+
+    q is held in the compute dtype; k and v stay in the caller's dtype and are
+    widened a block at a time by :meth:`keys` and :meth:`values`, so a blockwise
+    pass over a float16 cache never holds a float32 copy of all of it.
+    """
 
     xp: Namespace
-    q: Array  # (B, Hq, Sq, D)
-    k: Array  # (B, Hkv, Sk, D)
-    v: Array  # (B, Hkv, Sk, Dv)
+    q: Array  # (B, Hq, Sq, D), compute dtype
+    k: Array  # (B, Hkv, Sk, D), caller's dtype
+    v: Array  # (B, Hkv, Sk, Dv), caller's dtype
     q_pos: Array  # (B or 1, Sq) int64
     k_pos: Array  # (B or 1, Sk) int64
     mask: Array | None  # grouped: (b, Hkv or 1, G or 1, Sq or 1, Sk or 1)
@@ -154,6 +159,15 @@ class Call:
     softcap: float | None
     return_lse: bool
     out_dtype: Any
+    dtype: Any  # the compute dtype
+
+    def keys(self, block: slice) -> Array:
+        """Keys of a block in the compute dtype: (B, Hkv, bk, D)."""
+        return _cast(self.xp, self.k[:, :, block, :], self.dtype)
+
+    def values(self, block: slice) -> Array:
+        """Values of a block in the compute dtype: (B, Hkv, bk, Dv)."""
+        return _cast(self.xp, self.v[:, :, block, :], self.dtype)
 
     def finish(self, out: Array, lse: Array) -> Array | tuple[Array, Array]:
         """(B, Hkv, G, Sq, Dv) and (B, Hkv, G, Sq) back to the caller's layout and dtype."""
@@ -203,8 +217,8 @@ def prepare(
     return Call(
         xp=xp,
         q=_cast(xp, q, dtype),
-        k=_cast(xp, k, dtype),
-        v=_cast(xp, v, dtype),
+        k=k,
+        v=v,
         q_pos=_positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on)),
         k_pos=_positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on)),
         mask=None if mask is None else group_heads(xp, mask, Hkv),
@@ -222,6 +236,7 @@ def prepare(
         softcap=softcap,
         return_lse=return_lse,
         out_dtype=q.dtype,
+        dtype=dtype,
     )
 
 
@@ -233,7 +248,7 @@ def scores(call: Call, queries: slice, keys: slice) -> tuple[Array, Array]:
     """
     xp = call.xp
     q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
-    q, k = call.q[:, :, queries, :], call.k[:, :, keys, :]
+    q, k = call.q[:, :, queries, :], call.keys(keys)
 
     s = scaled_scores(xp, q, k, call.scale)  # (B, Hkv, G, bq, bk)
     if call.softcap is not None:

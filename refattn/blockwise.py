@@ -78,7 +78,7 @@ def attention_blockwise(
     if not outs:  # Sq = 0
         s, visible = scores(call, slice(None), slice(None))
         p, lse = masked_softmax(xp, s, visible, call.sink)
-        return call.finish(weighted_sum(xp, p, call.v, visible), lse)
+        return call.finish(weighted_sum(xp, p, call.values(slice(None)), visible), lse)
     return call.finish(xp.concat(outs, axis=3), xp.concat(lses, axis=3))
 
 
@@ -102,7 +102,7 @@ def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tupl
         rescale = xp.exp(m - shift)  # e^(m - m'), 0 while the row was empty
         p = xp.exp(s - shift)  # (B, Hkv, G, bq, bk)
         denom = rescale * denom + xp.sum(p, axis=-1, keepdims=True)
-        v = call.v[:, :, keys, :]
+        v = call.values(keys)  # widened a block at a time
         acc = rescale * acc + weighted_sum(xp, p, v, visible)
         m = m_new
     if call.sink is not None:  # the sink joins the denominator once
