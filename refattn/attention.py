@@ -104,7 +104,10 @@ def attention(
     Notes
     -----
     float16 and bfloat16 inputs are computed in float32 and the output is cast
-    back; float32 and float64 are computed in their own dtype. Grouped-query
+    back; float32 and float64 are computed in their own dtype. Here k and v are
+    widened whole; :func:`refattn.attention_blockwise` widens them a block at a
+    time, which is how to decode from a float16 cache on NumPy without a
+    float32 copy of it (``benchmarks/low_precision_decode.py``). Grouped-query
     attention is a reshape of q, never a copy of k or v.
 
     Examples
