@@ -35,7 +35,13 @@ from refattn.namespace import Array, Namespace, is_floating
 
 
 class KVCache(ABC):
-    """One layer's keys and values for ``batch`` rows; see the module docstring."""
+    """One layer's keys and values for ``batch`` rows; see the module docstring.
+
+    Every cache kind takes these keywords (its own come on top): ``batch``,
+    ``kv_heads``, ``head_dim``, ``value_dim`` (default ``head_dim``), ``dtype``
+    (default float32), ``device`` (default the library's) and ``xp`` (default
+    NumPy).
+    """
 
     def __init__(
         self,
@@ -65,6 +71,9 @@ class KVCache(ABC):
         # The library's default device unless one is named: every array is created there.
         self.device = device if device is not None else _device_of(xp.zeros(0, dtype=self.dtype))
         self._lengths = [0] * batch
+        self.keys: Array = None
+        self.values: Array = None
+        self.positions: Array = None
 
     # -- the contract -------------------------------------------------------
 
@@ -114,13 +123,15 @@ class KVCache(ABC):
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         """Write n[b] real tokens of each row; inputs are already checked."""
 
-    @abstractmethod
     def _storage(self) -> list[Array]:
-        """The arrays that hold keys and values, for nbytes."""
+        """The arrays that hold keys and values, for nbytes (``keys`` and ``values``
+        unless a cache stores them otherwise)."""
+        return [self.keys, self.values]
 
-    @abstractmethod
     def _release_row(self, b: int) -> None:
-        """Forget row b's tokens (its length is reset by the caller)."""
+        """Forget row b's tokens (its length is reset by the caller): with slot
+        positions in ``positions``, marking every slot empty is enough."""
+        self.positions = self._write(self.positions, (b, slice(None)), -1)
 
     # -- shared helpers -----------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from refattn.caches.base import KVCache
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array
 
 
 class DynamicCache(KVCache):
@@ -27,23 +27,10 @@ class DynamicCache(KVCache):
     ([[0, 1], [0, -1]], [2, 1])
     """
 
-    def __init__(
-        self,
-        *,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        value_dim: int | None = None,
-        dtype: Any = None,
-        device: Any = None,
-        xp: Namespace | None = None,
-    ) -> None:
-        super().__init__(
-            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, xp=xp,
-        )  # fmt: skip
-        xp, B, H = self.xp, batch, kv_heads
-        self.keys = xp.zeros((B, H, 0, head_dim), dtype=self.dtype, device=self.device)
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        xp, B, H = self.xp, self.batch, self.kv_heads
+        self.keys = xp.zeros((B, H, 0, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = xp.zeros((B, H, 0, self.value_dim), dtype=self.dtype, device=self.device)
         self.positions = xp.zeros((B, 0), dtype=xp.int64, device=self.device)
 
@@ -57,9 +44,3 @@ class DynamicCache(KVCache):
 
     def view(self) -> tuple[Array, Array, Array]:
         return self.keys, self.values, self.positions
-
-    def _storage(self) -> list[Array]:
-        return [self.keys, self.values]
-
-    def _release_row(self, b: int) -> None:
-        self.positions = self._write(self.positions, (b, slice(None)), -1)

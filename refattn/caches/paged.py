@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count, _check_row
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array
 
 
 class PagedCache(KVCache):
@@ -49,21 +49,12 @@ class PagedCache(KVCache):
     def __init__(
         self,
         *,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
         block_size: int,
         num_blocks: int,
         block_order: Sequence[int] | None = None,
-        value_dim: int | None = None,
-        dtype: Any = None,
-        device: Any = None,
-        xp: Namespace | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, xp=xp,
-        )  # fmt: skip
+        super().__init__(**common)
         _check_count("block_size", block_size, minimum=1)
         _check_count("num_blocks", num_blocks, minimum=1)
         order = list(range(num_blocks)) if block_order is None else [int(i) for i in block_order]
@@ -72,11 +63,11 @@ class PagedCache(KVCache):
                 f"block_order must be a permutation of range({num_blocks}); got {block_order!r}"
             )
         self.block_size, self.num_blocks = block_size, num_blocks
-        xp, H = self.xp, kv_heads
+        xp, H = self.xp, self.kv_heads
         shape = (num_blocks, H, block_size)
-        self.key_blocks = xp.zeros((*shape, head_dim), dtype=self.dtype, device=self.device)
+        self.key_blocks = xp.zeros((*shape, self.head_dim), dtype=self.dtype, device=self.device)
         self.value_blocks = xp.zeros((*shape, self.value_dim), dtype=self.dtype, device=self.device)
-        self.block_table: list[list[int]] = [[] for _ in range(batch)]
+        self.block_table: list[list[int]] = [[] for _ in range(self.batch)]
         self.free_blocks: list[int] = order
         self.references = [0] * num_blocks  # rows whose table holds each block
 

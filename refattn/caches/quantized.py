@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array
 
 
 class QuantizedCache(KVCache):
@@ -43,28 +43,19 @@ class QuantizedCache(KVCache):
     def __init__(
         self,
         *,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
         max_len: int,
         bits: int = 8,
-        value_dim: int | None = None,
-        dtype: Any = None,
-        device: Any = None,
-        xp: Namespace | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, xp=xp,
-        )  # fmt: skip
+        super().__init__(**common)
         _check_count("max_len", max_len, minimum=1)
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"bits must be an integer in [2, 8]; got {bits!r}")
         self.max_len, self.bits = max_len, bits
         self.q_max = 2 ** (bits - 1) - 1
-        xp, B, H = self.xp, batch, kv_heads
+        xp, B, H = self.xp, self.batch, self.kv_heads
         on = self.device
-        self.key_codes = xp.zeros((B, H, max_len, head_dim), dtype=xp.int8, device=on)
+        self.key_codes = xp.zeros((B, H, max_len, self.head_dim), dtype=xp.int8, device=on)
         self.value_codes = xp.zeros((B, H, max_len, self.value_dim), dtype=xp.int8, device=on)
         self.key_scales = xp.ones((B, H, max_len, 1), dtype=xp.float32, device=on)
         self.value_scales = xp.ones((B, H, max_len, 1), dtype=xp.float32, device=on)
@@ -111,6 +102,3 @@ class QuantizedCache(KVCache):
 
     def _storage(self) -> list[Array]:
         return [self.key_codes, self.value_codes, self.key_scales, self.value_scales]
-
-    def _release_row(self, b: int) -> None:
-        self.positions = self._write(self.positions, (b, slice(None)), -1)

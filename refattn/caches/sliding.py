@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array
 
 
 class SlidingWindowCache(KVCache):
@@ -47,25 +47,16 @@ class SlidingWindowCache(KVCache):
     def __init__(
         self,
         *,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
         window: int,
         sink_tokens: int = 0,
-        value_dim: int | None = None,
-        dtype: Any = None,
-        device: Any = None,
-        xp: Namespace | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, xp=xp,
-        )  # fmt: skip
+        super().__init__(**common)
         _check_count("window", window, minimum=1)
         _check_count("sink_tokens", sink_tokens, minimum=0)
         self.window, self.sink_tokens = window, sink_tokens
-        xp, B, H, slots = self.xp, batch, kv_heads, sink_tokens + window
-        self.keys = xp.zeros((B, H, slots, head_dim), dtype=self.dtype, device=self.device)
+        xp, B, H, slots = self.xp, self.batch, self.kv_heads, sink_tokens + window
+        self.keys = xp.zeros((B, H, slots, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = xp.zeros((B, H, slots, self.value_dim), dtype=self.dtype, device=self.device)
         self.positions = xp.full((B, slots), -1, dtype=xp.int64, device=self.device)
 
@@ -122,9 +113,3 @@ class SlidingWindowCache(KVCache):
 
     def view(self) -> tuple[Array, Array, Array]:
         return self.keys, self.values, self.positions
-
-    def _storage(self) -> list[Array]:
-        return [self.keys, self.values]
-
-    def _release_row(self, b: int) -> None:
-        self.positions = self._write(self.positions, (b, slice(None)), -1)

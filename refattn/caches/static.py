@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array
 
 
 class StaticCache(KVCache):
@@ -32,23 +32,14 @@ class StaticCache(KVCache):
     def __init__(
         self,
         *,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
         max_len: int,
-        value_dim: int | None = None,
-        dtype: Any = None,
-        device: Any = None,
-        xp: Namespace | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, xp=xp,
-        )  # fmt: skip
+        super().__init__(**common)
         _check_count("max_len", max_len, minimum=1)
         self.max_len = max_len
-        xp, B, H = self.xp, batch, kv_heads
-        self.keys = xp.zeros((B, H, max_len, head_dim), dtype=self.dtype, device=self.device)
+        xp, B, H = self.xp, self.batch, self.kv_heads
+        self.keys = xp.zeros((B, H, max_len, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = xp.zeros(
             (B, H, max_len, self.value_dim), dtype=self.dtype, device=self.device
         )
@@ -68,9 +59,3 @@ class StaticCache(KVCache):
     def view(self) -> tuple[Array, Array, Array]:
         used = max(self._lengths)
         return self.keys[:, :, :used, :], self.values[:, :, :used, :], self.positions[:, :used]
-
-    def _storage(self) -> list[Array]:
-        return [self.keys, self.values]
-
-    def _release_row(self, b: int) -> None:
-        self.positions = self._write(self.positions, (b, slice(None)), -1)
