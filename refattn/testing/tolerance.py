@@ -35,13 +35,18 @@ use it): a candidate in dtype :math:`t` passes when
     \max |\text{candidate} - \text{oracle}| \le k_t \max |\text{spec}_t - \text{oracle}|
         + \text{atol}_t \cdot \max(1, \max|v|)
 
-where :math:`\text{spec}_t` is the spec on NumPy in dtype :math:`t`.
+where :math:`\text{spec}_t` is the spec on NumPy in dtype :math:`t`. In float16
+and bfloat16 the error is mostly the output's own rounding, the same for any
+correct implementation, so flash-attn's :math:`k = 2` holds. In float32 and
+float64 it is rounding noise in the scores, which two correct implementations
+draw differently: Hypothesis found torch at 2.5x NumPy's error with logits near
+1e4, so these take PyTorch's SDPA-test fudge factor, :math:`k = 5`.
 
 ==========  =====  ============  ====================================
 dtype       k_t    atol_t        why atol_t
 ==========  =====  ============  ====================================
-float64     2      1e-10         accumulation over short rows
-float32     2      1e-5          a few ulps of float32 after a sum
+float64     5      1e-10         accumulation over short rows
+float32     5      1e-5          a few ulps of float32 after a sum
 float16     2      2^-9          two ulps of float16 output rounding
 bfloat16    2      2^-6          two ulps of bfloat16 output rounding
 ==========  =====  ============  ====================================
@@ -80,8 +85,8 @@ class Tolerance:
 
 
 TOLERANCES = {
-    "float64": Tolerance(k=2.0, atol=1e-10),
-    "float32": Tolerance(k=2.0, atol=1e-5),
+    "float64": Tolerance(k=5.0, atol=1e-10),
+    "float32": Tolerance(k=5.0, atol=1e-5),
     "float16": Tolerance(k=2.0, atol=2.0**-9),
     "bfloat16": Tolerance(k=2.0, atol=2.0**-6),
 }
