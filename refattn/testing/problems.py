@@ -23,7 +23,17 @@ from typing import Any
 import numpy as np
 
 #: How key and query positions are laid out.
-LAYOUTS = ("bottom_right", "top_left", "left_padded", "scattered")
+#:
+#: ``bottom_right``: the defaults, queries at the end of the keys.
+#: ``top_left``: queries numbered from 0 (PyTorch's ``is_causal``).
+#: ``staggered``: every row holds keys 0..Sk-1 but its queries sit ``lag[b]``
+#: positions earlier (rows at different decode steps, no empty slots).
+#: ``holes``: default positions with random empty slots (a key padding mask).
+#: ``ragged``: row b holds ``L[b]`` keys then empty slots, its queries end at
+#: ``L[b] - 1`` (a static cache with per-row lengths, ``cache_seqlens``).
+#: ``left_padded``: row b starts with ``pad[b]`` empty slots.
+#: ``scattered``: positions in any slot order, some empty (a ring or a paged row).
+LAYOUTS = ("bottom_right", "top_left", "staggered", "holes", "ragged", "left_padded", "scattered")
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class ProblemSpec:
     logit_size: float = 1.0
     poison: bool = False
     nan_slots: bool = False
+    return_lse: bool = False
     seed: int = 0
 
 
@@ -128,6 +139,16 @@ def _positions(rng: np.random.Generator, spec: ProblemSpec) -> tuple[np.ndarray,
         return np.tile(Sk - Sq + rows, (B, 1)), np.tile(np.arange(Sk), (B, 1))
     if spec.layout == "top_left":
         return np.tile(rows, (B, 1)), np.tile(np.arange(Sk), (B, 1))
+    if spec.layout == "staggered":
+        lag = rng.integers(0, Sk + 1, size=(B, 1))
+        return Sk - Sq + rows[None, :] - lag, np.tile(np.arange(Sk), (B, 1))
+    if spec.layout == "holes":
+        k_pos = np.where(rng.random((B, Sk)) < 0.3, -1, np.arange(Sk)[None, :])
+        return np.tile(Sk - Sq + rows, (B, 1)), k_pos
+    if spec.layout == "ragged":
+        length = rng.integers(0, Sk + 1, size=(B, 1))
+        k_pos = np.where(np.arange(Sk)[None, :] < length, np.arange(Sk)[None, :], -1)
+        return length - Sq + rows[None, :], k_pos
     if spec.layout == "left_padded":
         # Row b starts with pad[b] empty slots; its tokens are numbered from 0.
         pad = rng.integers(0, Sk + 1, size=B)

@@ -1,0 +1,352 @@
+r"""Check someone else's attention kernel against the spec: ``check_attention``.
+
+``check_attention(fn)`` draws attention problems with Hypothesis
+(:mod:`refattn.testing.strategies`), hands each to ``fn`` as an
+:class:`AttentionProblem`, and compares what comes back with the spec. When
+one fails, Hypothesis shrinks it to the smallest failing problem, and the
+:class:`~refattn.testing.report.Report` prints it as code to paste into a test.
+
+The verdict on one problem (:func:`check_problem`) is DESIGN's tolerance rule
+(:mod:`refattn.testing.tolerance`): with the inputs rounded to the dtype
+:math:`t` under test, the oracle is the spec in float64 on NumPy and
+:math:`\text{spec}_t` the spec on NumPy in :math:`t`;
+
+.. math::
+
+    \max |\text{out} - \text{oracle}| \le k_t \max |\text{spec}_t - \text{oracle}|
+        + \text{atol}_t \max(1, \max|v|)
+
+and the same for the log-sum-exp, scaled by :math:`\max(1, \max|\text{lse}|)`.
+A NaN, or an infinity where the oracle has none, is an infinite error; a
+fully masked row must give 0 and an lse of :math:`-\infty`.
+
+The problem's arrays live on the backend asked for (NumPy by default), in the
+dtype under test; positions are always concrete int64 arrays. ``fn`` may
+return arrays of another library (NumPy, PyTorch, CuPy, anything with
+DLPack or ``__array__``): they are brought to NumPy before comparing.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from refattn.attention import attention
+from refattn.backends import Case, get
+from refattn.testing.agreement import rounded_arrays, run_spec
+from refattn.testing.problems import ProblemSpec, build_problem
+from refattn.testing.report import Failure, Outcome, Report
+from refattn.testing.strategies import attention_specs, features_of, resolve_features
+from refattn.testing.tolerance import TOLERANCES, finite_max_abs, max_abs_error
+
+
+class Unsupported(Exception):
+    """Raised by a candidate for a problem its kernel cannot express; counted, not failed."""
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """One attention call, as a candidate receives it.
+
+    The arrays are on the checked backend and device, in the checked dtype;
+    ``q_pos`` and ``k_pos`` are int64 and always given (``k_pos = -1`` marks
+    an empty slot). The candidate computes, for query head ``h`` and KV head
+    ``h // (Hq // Hkv)``, softmax over the visible keys of
+    ``softcap(scale * q.k) - slope * |q_pos - k_pos|`` and the weighted sum of
+    the values (see ``refattn.attention``).
+    """
+
+    q: Any  #: (B, Hq, Sq, D)
+    k: Any  #: (B, Hkv, Sk, D)
+    v: Any  #: (B, Hkv, Sk, Dv)
+    causal: bool
+    q_pos: Any  #: (B, Sq) int64
+    k_pos: Any  #: (B, Sk) int64, -1 for an empty slot
+    scale: float  #: always concrete: 1/sqrt(D) unless the problem sets one
+    window: int | None  #: a key is visible when q_pos - k_pos < window
+    softcap: float | None  #: scores become softcap * tanh(scores / softcap)
+    alibi_slopes: Any | None  #: (Hq,) or (B, Hq), in the checked dtype
+    return_lse: bool  #: return (out, lse), lse (B, Hq, Sq), natural log
+    xp: Any  #: the array namespace of the arrays
+    dtype: str  #: "float32", "float16", ...
+    device: str
+    backend: str
+    spec: ProblemSpec  #: rebuilds this problem with ``make_problem``
+
+
+def make_problem(
+    spec: ProblemSpec, *, backend: str = "numpy", dtype: str = "float32", device: str | None = None
+) -> AttentionProblem:
+    """The :class:`AttentionProblem` of ``spec`` on ``backend``/``device`` in ``dtype``."""
+    _check_checkable(spec)
+    case = _case(backend, device, dtype)
+    arrays = rounded_arrays(build_problem(spec), dtype)
+    on = {n: case.backend.asarray(x, dtype=dtype, device=case.device) for n, x in arrays.items()}
+    D = spec.head_dim
+    return AttentionProblem(
+        q=on["q"],
+        k=on["k"],
+        v=on["v"],
+        causal=spec.causal,
+        q_pos=on["q_pos"],
+        k_pos=on["k_pos"],
+        scale=float(spec.scale) if spec.scale is not None else 1.0 / math.sqrt(D),
+        window=spec.window,
+        softcap=spec.softcap,
+        alibi_slopes=on.get("alibi_slopes"),
+        return_lse=spec.return_lse,
+        xp=case.backend.namespace(),
+        dtype=dtype,
+        device=case.device,
+        backend=backend,
+        spec=spec,
+    )
+
+
+def check_problem(
+    fn: Callable[[AttentionProblem], Any],
+    spec: ProblemSpec,
+    *,
+    backend: str = "numpy",
+    dtype: str = "float32",
+    device: str | None = None,
+) -> Outcome:
+    """Run ``fn`` on one problem and judge it by the tolerance rule.
+
+    >>> import refattn
+    >>> from refattn.testing import ProblemSpec, check_problem
+    >>> def mine(p):
+    ...     return refattn.attention(p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos,
+    ...                              k_pos=p.k_pos, scale=p.scale, window=p.window)
+    >>> check_problem(mine, ProblemSpec(q_len=2, k_len=5, causal=True, window=3)).passed
+    True
+    """
+    problem = make_problem(spec, backend=backend, dtype=dtype, device=device)
+    start = Outcome(spec=spec, dtype=dtype, backend=backend, device=problem.device)
+    try:
+        result = fn(problem)
+    except Unsupported as exc:
+        return start.but(unsupported=str(exc) or "unsupported")
+    except Exception as exc:  # a crash is a failure, shrunk like any other
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return start.but(message=f"raised {exc!r} at {where.filename}:{where.lineno}")
+    return _judge(start, result, build_problem(spec).v.shape, spec, dtype)
+
+
+def _judge(start: Outcome, result: Any, v_shape: tuple[int, ...], spec: ProblemSpec,
+           dtype: str) -> Outcome:  # fmt: skip
+    """Compare a candidate's result with the oracle under the tolerance rule."""
+    if spec.return_lse:
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            return start.but(message="return_lse is set, so fn must return (out, lse)")
+        out_raw, lse_raw = result
+    else:
+        if isinstance(result, tuple | list):
+            return start.but(message="return_lse is not set, so fn must return out alone")
+        out_raw, lse_raw = result, None
+    arrays: dict[str, Any] = rounded_arrays(build_problem(spec), dtype)
+    scalars = _scalars(spec)
+    ref_out, ref_lse = attention(**arrays, **scalars, return_lse=True)  # float64 NumPy
+    spec_out, spec_lse = run_spec(Case(get("numpy"), "cpu", dtype), arrays, scalars)
+    out, message = _as_numpy("out", out_raw, ref_out.shape)
+    if message:
+        return start.but(message=message)
+    rule = TOLERANCES[dtype]
+    outcome = start.but(
+        error=max_abs_error(out, ref_out),
+        allowed=rule.allowed(max_abs_error(spec_out, ref_out), finite_max_abs(arrays["v"])),
+    )
+    if lse_raw is not None:
+        lse, message = _as_numpy("lse", lse_raw, ref_lse.shape)
+        if message:
+            return outcome.but(message=message)
+        lse_scale = max(1.0, finite_max_abs(ref_lse))
+        outcome = outcome.but(
+            lse_error=max_abs_error(lse, ref_lse),
+            lse_allowed=rule.allowed(max_abs_error(spec_lse, ref_lse), lse_scale),
+        )
+    return outcome
+
+
+def _scalars(spec: ProblemSpec) -> dict[str, Any]:
+    return {"causal": spec.causal, "window": spec.window, "softcap": spec.softcap,
+            "scale": spec.scale}  # fmt: skip
+
+
+def _as_numpy(name: str, x: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """A candidate's array as float64 NumPy, or a message saying why it is not usable."""
+    try:
+        array = to_numpy(x)
+    except Exception as exc:
+        return np.empty(0), f"{name} could not be read as an array: {exc!r}"
+    if array.shape != shape:
+        return array, f"{name} has shape {array.shape}, expected {shape}"
+    return array, ""
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Any library's array as float64 NumPy (bfloat16 and other narrow types widened)."""
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        x = x.detach().cpu()
+        return x.double().numpy() if x.is_floating_point() else x.numpy()
+    if module == "cupy":
+        return np.asarray(x.get(), dtype=np.float64)
+    if module == "array_api_strict":
+        return np.asarray(x._array, dtype=np.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
+def check_attention(
+    fn: Callable[[AttentionProblem], Any],
+    *,
+    backend: str = "numpy",
+    device: str | None = None,
+    dtypes: Iterable[str] = ("float32",),
+    features: Iterable[str] | None = None,
+    max_examples: int = 200,
+    seed: int | None = None,
+    on_example: Callable[[Outcome], None] | None = None,
+) -> Report:
+    """Search for a problem on which ``fn`` disagrees with the spec; shrink it.
+
+    Parameters
+    ----------
+    fn : ``fn(problem: AttentionProblem)`` returns ``out`` (B, Hq, Sq, Dv), or
+        ``(out, lse)`` when ``problem.return_lse``; raises :class:`Unsupported`
+        for a problem its kernel cannot express
+    backend, device : where the problem's arrays live (``"numpy"``,
+        ``"array_api_strict"``, ``"torch"``, ``"cupy"``); device defaults to the
+        backend's first
+    dtypes : each dtype is searched separately, ``max_examples`` problems each
+    features : what may be drawn (:data:`~refattn.testing.strategies.FEATURES`);
+        None draws everything but ``nan_slots``
+    seed : makes the search repeatable; None draws a fresh one
+    on_example : called with every :class:`Outcome` of the search (a progress bar)
+
+    Returns
+    -------
+    Report
+        ``passed``, per-feature counts, and for each failing dtype the shrunk
+        problem with its error, its bound and a reproducer (``to_code()``).
+
+    Examples
+    --------
+    >>> import refattn
+    >>> from refattn.testing import check_attention
+    >>> def mine(p):
+    ...     return refattn.attention_blockwise(
+    ...         p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos,
+    ...         scale=p.scale, window=p.window, softcap=p.softcap,
+    ...         alibi_slopes=p.alibi_slopes, return_lse=p.return_lse, block_k=4)
+    >>> check_attention(mine, max_examples=20, seed=0).passed
+    True
+    """
+    chosen = resolve_features(features)
+    dtypes = tuple(dtypes)
+    case = _case(backend, device, dtypes[0] if dtypes else "float32")
+    for dtype in dtypes:
+        _case(backend, case.device, dtype)
+    report = Report(name=_qualified_name(fn), backend=backend, device=case.device,
+                    dtypes=dtypes, features=chosen)  # fmt: skip
+    for dtype in dtypes:
+        _search(report, fn, dtype, chosen, max_examples, seed, on_example)
+    return report
+
+
+def _search(
+    report: Report,
+    fn: Callable[[AttentionProblem], Any],
+    dtype: str,
+    chosen: frozenset[str],
+    max_examples: int,
+    seed: int | None,
+    on_example: Callable[[Outcome], None] | None,
+) -> None:
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as seed_with
+    from hypothesis.errors import Flaky
+
+    searching = {"done": False, "shrunk": 0}
+    last_failure: list[Outcome] = []
+
+    @settings(
+        max_examples=max_examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
+    @given(attention_specs(chosen))
+    def search(spec: ProblemSpec) -> None:
+        outcome = check_problem(fn, spec, backend=report.backend, dtype=dtype,
+                                device=report.device)  # fmt: skip
+        if searching["done"]:
+            searching["shrunk"] += 1
+        else:
+            report.count(dtype, features_of(spec), outcome)
+            if on_example is not None:
+                on_example(outcome)
+        if outcome.failed:
+            searching["done"] = True
+            last_failure[:] = [outcome]
+            raise _Failed(outcome)
+
+    if seed is not None:
+        search = seed_with(seed)(search)
+    try:
+        search()
+        return
+    except _Failed as failed:
+        outcome = failed.outcome
+    except Flaky:
+        outcome = last_failure[0].but(message="fails only sometimes (nondeterministic)")
+    tried, shrunk = report.tried(dtype), searching["shrunk"]
+    report.failures.append(Failure(outcome, tried, shrunk, candidate=report.name))
+
+
+class _Failed(AssertionError):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+
+
+def _check_checkable(spec: ProblemSpec) -> None:
+    extras = {f.name for f in fields(spec) if f.name in ("mask", "bias", "sinks", "nan_slots")}
+    used = sorted(name for name in extras if getattr(spec, name))
+    if used or spec.sink_tokens:
+        used += ["sink_tokens"] if spec.sink_tokens else []
+        raise ValueError(
+            f"a checked problem has no mask, bias, sinks, NaN values or sink tokens; "
+            f"spec sets {used}"
+        )
+
+
+def _case(backend: str, device: str | None, dtype: str) -> Case:
+    chosen = get(backend)
+    reason = chosen.unavailable_reason()
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot run here: {reason}")
+    devices = chosen.devices()
+    device = devices[0] if device is None else device
+    if device not in devices:
+        raise ValueError(f"device must be one of {devices} for {backend}; got {device!r}")
+    dtypes = chosen.dtypes(device)
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {dtypes} for {backend} on {device}; got {dtype!r}")
+    return Case(chosen, device, dtype)
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "__main__"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{name}"
