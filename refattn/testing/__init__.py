@@ -9,7 +9,8 @@ FlexAttention and flash-attn in :mod:`refattn.testing.adapters` (imported
 on demand).
 """
 
-from refattn.testing.problems import Problem, ProblemSpec, build_problem, random_spec
+from refattn.testing.cache_verifier import check_cache, check_schedule
+from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem, random_spec
 from refattn.testing.report import Failure, FeatureCount, Outcome, Report
 from refattn.testing.tolerance import TOLERANCES, Tolerance, max_abs_error, spec_error_bound
 from refattn.testing.verifier import (
@@ -24,6 +25,7 @@ from refattn.testing.verifier import (
 __all__ = [
     "TOLERANCES",
     "AttentionProblem",
+    "CacheSpec",
     "Failure",
     "FeatureCount",
     "Outcome",
@@ -34,7 +36,9 @@ __all__ = [
     "Unsupported",
     "build_problem",
     "check_attention",
+    "check_cache",
     "check_problem",
+    "check_schedule",
     "make_problem",
     "max_abs_error",
     "random_spec",

@@ -215,3 +215,39 @@ def random_spec(rng: np.random.Generator, *, seed: int | None = None) -> Problem
         nan_slots=bool(rng.random() < 0.1),
         seed=int(rng.integers(2**31)) if seed is None else seed,
     )
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A decoding history for a KV cache: rows, heads, append sizes, the cache's window, a seed.
+
+    Every row appends ``steps[i]`` tokens at step i; :func:`cache_history`
+    makes the queries, keys and values of all of them.
+    """
+
+    batch: int = 1
+    q_heads: int = 1
+    kv_heads: int = 1
+    head_dim: int = 8
+    steps: tuple[int, ...] = (1,)
+    window: int | None = None
+    sink_tokens: int = 0
+    bits: int | None = None  #: the cache quantizes: its error bound is allowed on top
+    logit_size: float = 1.0
+    seed: int = 0
+
+    @property
+    def length(self) -> int:
+        return sum(self.steps)
+
+
+def cache_history(spec: CacheSpec) -> Problem:
+    """The whole history of ``spec`` as one causal self-attention problem (float64 NumPy)."""
+    return build_problem(
+        ProblemSpec(
+            batch=spec.batch, q_heads=spec.q_heads, kv_heads=spec.kv_heads,
+            q_len=spec.length, k_len=spec.length, head_dim=spec.head_dim,
+            value_dim=spec.head_dim, causal=True, window=spec.window,
+            sink_tokens=spec.sink_tokens, logit_size=spec.logit_size, seed=spec.seed,
+        )
+    )  # fmt: skip

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from refattn.testing.problems import ProblemSpec, build_problem
+from refattn.testing.problems import CacheSpec, ProblemSpec, build_problem
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Outcome:
     something unusable. Without an lse, ``lse_error`` is 0.
     """
 
-    spec: ProblemSpec
+    spec: ProblemSpec | CacheSpec
     dtype: str
     backend: str
     device: str
@@ -52,6 +52,8 @@ class Outcome:
         if self.message:
             return f"FAIL {where}: {self.message}"
         verdict = "pass" if self.passed else "FAIL"
+        if math.isinf(self.error) or math.isinf(self.lse_error):
+            verdict += " (a NaN or infinity where the oracle has a finite value, or the reverse)"
         text = (
             f"{verdict} {where}: max|out - oracle| = {self.error:.3e}, allowed {self.allowed:.3e}"
         )
@@ -60,19 +62,27 @@ class Outcome:
         return text
 
 
-def spec_code(spec: ProblemSpec) -> str:
-    """``ProblemSpec(...)`` with only the fields that differ from the defaults."""
-    default = ProblemSpec()
+def spec_code(spec: ProblemSpec | CacheSpec) -> str:
+    """``ProblemSpec(...)`` or ``CacheSpec(...)`` with only the fields that differ from the
+    defaults."""
+    default = type(spec)()
     changed = [
         f"{f.name}={getattr(spec, f.name)!r}"
         for f in fields(spec)
         if getattr(spec, f.name) != getattr(default, f.name) or f.name == "seed"
     ]
-    return f"ProblemSpec({', '.join(changed)})"
+    return f"{type(spec).__name__}({', '.join(changed)})"
 
 
-def describe(spec: ProblemSpec) -> str:
+def describe(spec: ProblemSpec | CacheSpec) -> str:
     """The shapes, options and (for small problems) positions of a spec, for a human."""
+    if isinstance(spec, CacheSpec):
+        return (
+            f"B={spec.batch}, Hq={spec.q_heads}, Hkv={spec.kv_heads}, D={spec.head_dim}; "
+            f"appends of {list(spec.steps)} tokens ({spec.length} in all)"
+            + (f"; window {spec.window}, {spec.sink_tokens} sink tokens" if spec.window else "")
+            + (f"; {spec.bits}-bit" if spec.bits else "")
+        )
     s = spec
     lines = [
         f"q (B={s.batch}, Hq={s.q_heads}, Sq={s.q_len}, D={s.head_dim}), "
@@ -112,14 +122,18 @@ class Failure:
             name = name.split(".")[-1].replace("<", "").replace(">", "") or "candidate"
             source = f"from your_module import {name}  # the function that was checked"
         o = self.outcome
+        cache = isinstance(o.spec, CacheSpec)
+        check, spec_type = (
+            ("check_schedule", "CacheSpec") if cache else ("check_problem", "ProblemSpec")
+        )
         return "\n".join(
             [
-                f"# Shrunk by refattn.testing.check_attention: {o}",
-                "from refattn.testing import ProblemSpec, check_problem",
+                f"# Shrunk by refattn.testing.{'check_cache' if cache else 'check_attention'}: {o}",
+                f"from refattn.testing import {spec_type}, {check}",
                 source,
                 "",
                 f"spec = {spec_code(o.spec)}",
-                f"outcome = check_problem({name}, spec, backend={o.backend!r}, "
+                f"outcome = {check}({name}, spec, backend={o.backend!r}, "
                 f"dtype={o.dtype!r}, device={o.device!r})",
                 "print(outcome)",
                 "assert outcome.passed, outcome",

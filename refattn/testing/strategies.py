@@ -46,7 +46,7 @@ from collections.abc import Iterable
 
 from hypothesis import strategies as st
 
-from refattn.testing.problems import Problem, ProblemSpec, build_problem
+from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem
 
 #: Every feature :func:`attention_specs` can draw.
 FEATURES = (
@@ -213,3 +213,45 @@ def ragged_schedules(
         steps.append((T, n))
         left = [r - m for r, m in zip(left, n, strict=True)]
     return steps
+
+
+@st.composite
+def cache_specs(
+    draw: st.DrawFn,
+    *,
+    window: int | None = None,
+    sink_tokens: int = 0,
+    bits: int | None = None,
+    max_len: int = 24,
+    max_chunk: int = 6,
+) -> CacheSpec:
+    """A decoding history for ``check_cache``: a prefill, then decode steps and chunks.
+
+    ``window`` and ``sink_tokens`` are the cache's own (a sliding-window cache
+    keeps only those keys); histories are drawn to run past the window.
+    """
+    kv_heads = draw(st.integers(1, 3))
+    return CacheSpec(
+        batch=draw(st.integers(1, 3)),
+        q_heads=kv_heads * draw(st.integers(1, 3)),
+        kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from(_HEAD_DIMS[:6])),
+        steps=tuple(draw(append_schedules(max_len=max_len, max_chunk=max_chunk))),
+        window=window,
+        sink_tokens=sink_tokens,
+        bits=bits,
+        logit_size=draw(st.sampled_from([1.0, 30.0])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def cache_features_of(spec: CacheSpec) -> frozenset[str]:
+    """The features a history exercises: prefill, decode steps, chunks, GQA, past the window."""
+    tags = {
+        "prefill": spec.steps[0] > 1,
+        "decode": any(t == 1 for t in spec.steps[1:]),
+        "chunks": any(t > 1 for t in spec.steps[1:]),
+        "gqa": spec.q_heads > spec.kv_heads,
+        "beyond_window": spec.window is not None and spec.length > spec.window + spec.sink_tokens,
+    }
+    return frozenset(name for name, on in tags.items() if on)

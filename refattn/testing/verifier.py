@@ -40,7 +40,8 @@ from refattn.attention import attention
 from refattn.backends import Case, get
 from refattn.testing.agreement import rounded_arrays, run_spec
 from refattn.testing.problems import ProblemSpec, build_problem
-from refattn.testing.report import Failure, Outcome, Report
+from refattn.testing.report import Outcome, Report
+from refattn.testing.search import qualified_name, resolve_case, search
 from refattn.testing.strategies import attention_specs, features_of, resolve_features
 from refattn.testing.tolerance import TOLERANCES, finite_max_abs, max_abs_error
 
@@ -84,7 +85,7 @@ def make_problem(
 ) -> AttentionProblem:
     """The :class:`AttentionProblem` of ``spec`` on ``backend``/``device`` in ``dtype``."""
     _check_checkable(spec)
-    case = _case(backend, device, dtype)
+    case = resolve_case(backend, device, dtype)
     arrays = rounded_arrays(build_problem(spec), dtype)
     on = {n: case.backend.asarray(x, dtype=dtype, device=case.device) for n, x in arrays.items()}
     D = spec.head_dim
@@ -249,75 +250,20 @@ def check_attention(
     """
     chosen = resolve_features(features)
     dtypes = tuple(dtypes)
-    case = _case(backend, device, dtypes[0] if dtypes else "float32")
+    case = resolve_case(backend, device, dtypes[0] if dtypes else "float32")
     for dtype in dtypes:
-        _case(backend, case.device, dtype)
-    report = Report(name=_qualified_name(fn), backend=backend, device=case.device,
+        resolve_case(backend, case.device, dtype)
+    report = Report(name=qualified_name(fn), backend=backend, device=case.device,
                     dtypes=dtypes, features=chosen)  # fmt: skip
+    strategy = attention_specs(chosen)
     for dtype in dtypes:
-        _search(report, fn, dtype, chosen, max_examples, seed, on_example)
+
+        def one(spec: ProblemSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
+            outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device)
+            return outcome, features_of(spec)
+
+        search(report, one, strategy, dtype, max_examples, seed, on_example)
     return report
-
-
-def _search(
-    report: Report,
-    fn: Callable[[AttentionProblem], Any],
-    dtype: str,
-    chosen: frozenset[str],
-    max_examples: int,
-    seed: int | None,
-    on_example: Callable[[Outcome], None] | None,
-) -> None:
-    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-    from hypothesis import seed as seed_with
-    from hypothesis.errors import Flaky
-
-    searching = {"done": False, "shrunk": 0}
-    last_failure: list[Outcome] = []
-
-    @settings(
-        max_examples=max_examples,
-        database=None,
-        deadline=None,
-        derandomize=False,
-        phases=(Phase.explicit, Phase.generate, Phase.shrink),
-        report_multiple_bugs=False,
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,
-        print_blob=False,
-    )
-    @given(attention_specs(chosen))
-    def search(spec: ProblemSpec) -> None:
-        outcome = check_problem(fn, spec, backend=report.backend, dtype=dtype,
-                                device=report.device)  # fmt: skip
-        if searching["done"]:
-            searching["shrunk"] += 1
-        else:
-            report.count(dtype, features_of(spec), outcome)
-            if on_example is not None:
-                on_example(outcome)
-        if outcome.failed:
-            searching["done"] = True
-            last_failure[:] = [outcome]
-            raise _Failed(outcome)
-
-    if seed is not None:
-        search = seed_with(seed)(search)
-    try:
-        search()
-        return
-    except _Failed as failed:
-        outcome = failed.outcome
-    except Flaky:
-        outcome = last_failure[0].but(message="fails only sometimes (nondeterministic)")
-    tried, shrunk = report.tried(dtype), searching["shrunk"]
-    report.failures.append(Failure(outcome, tried, shrunk, candidate=report.name))
-
-
-class _Failed(AssertionError):
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(str(outcome))
-        self.outcome = outcome
 
 
 def _check_checkable(spec: ProblemSpec) -> None:
@@ -329,24 +275,3 @@ def _check_checkable(spec: ProblemSpec) -> None:
             f"a checked problem has no mask, bias, sinks, NaN values or sink tokens; "
             f"spec sets {used}"
         )
-
-
-def _case(backend: str, device: str | None, dtype: str) -> Case:
-    chosen = get(backend)
-    reason = chosen.unavailable_reason()
-    if reason:
-        raise ValueError(f"backend {backend!r} cannot run here: {reason}")
-    devices = chosen.devices()
-    device = devices[0] if device is None else device
-    if device not in devices:
-        raise ValueError(f"device must be one of {devices} for {backend}; got {device!r}")
-    dtypes = chosen.dtypes(device)
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {dtypes} for {backend} on {device}; got {dtype!r}")
-    return Case(chosen, device, dtype)
-
-
-def _qualified_name(fn: Callable[..., Any]) -> str:
-    module = getattr(fn, "__module__", None) or "__main__"
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}:{name}"
