@@ -74,6 +74,13 @@ def spec_code(spec: ProblemSpec | CacheSpec) -> str:
     return f"{type(spec).__name__}({', '.join(changed)})"
 
 
+def size(spec: ProblemSpec | CacheSpec) -> int:
+    """How big a problem is (what shrinking reduces): its number of score entries."""
+    if isinstance(spec, CacheSpec):
+        return spec.batch * spec.q_heads * spec.length * len(spec.steps)
+    return spec.batch * spec.q_heads * max(spec.q_len, 1) * max(spec.k_len, 1)
+
+
 def describe(spec: ProblemSpec | CacheSpec) -> str:
     """The shapes, options and (for small problems) positions of a spec, for a human."""
     if isinstance(spec, CacheSpec):
@@ -111,6 +118,7 @@ class Failure:
     examples: int  #: problems tried up to and including the first failure
     shrink_steps: int  #: problems run while shrinking
     candidate: str  #: "module:qualname" of the checked function
+    found: ProblemSpec | CacheSpec | None = None  #: the failing problem as first drawn
 
     def to_code(self) -> str:
         """A runnable reproducer: rebuilds the problem and asserts that it passes."""
@@ -144,7 +152,9 @@ class Failure:
         return "\n".join(
             [
                 f"{self.outcome}",
-                f"found after {self.examples} problems, shrunk in {self.shrink_steps} steps:",
+                f"found after {self.examples} problems, shrunk in {self.shrink_steps} steps"
+                + (f" from {spec_code(self.found)}" if self.found is not None else "")
+                + ":",
                 describe(self.outcome.spec),
                 "reproducer:",
                 self.to_code(),

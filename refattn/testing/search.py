@@ -33,6 +33,7 @@ def search(
     from hypothesis.errors import Flaky
 
     state = {"done": False, "shrunk": 0}
+    first: list[Outcome] = []
     last: list[Outcome] = []
 
     @settings(
@@ -56,6 +57,7 @@ def search(
             if on_example is not None:
                 on_example(outcome)
         if outcome.failed:
+            first[:] = first or [outcome]
             state["done"] = True
             last[:] = [outcome]
             raise _Failed(outcome)
@@ -69,7 +71,9 @@ def search(
         outcome = failed.outcome
     except Flaky:
         outcome = last[0].but(message="fails only sometimes (nondeterministic)")
-    report.failures.append(Failure(outcome, report.tried(dtype), state["shrunk"], report.name))
+    report.failures.append(
+        Failure(outcome, report.tried(dtype), state["shrunk"], report.name, found=first[0].spec)
+    )
 
 
 class _Failed(AssertionError):

@@ -1,0 +1,229 @@
+"""Attention kernels with one realistic bug each, and correct ones written differently.
+
+Every wrong kernel here is :func:`textbook` with one line changed the way
+kernel authors get it wrong (each has been reported against some real
+library). ``check_attention`` must fail every one of them and pass the
+correct ones. They are importable as ``refattn.tests.wrong_attention`` so
+that ``refattn verify --candidate`` can be pointed at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+import refattn
+from refattn.testing import AttentionProblem, to_numpy
+
+Visible = Callable[[np.ndarray, np.ndarray, AttentionProblem], np.ndarray]
+
+
+def positions_visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+    """(B, Sq, Sk): the spec's visibility, from positions."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    visible = np.broadcast_to(k >= 0, (q.shape[0], q.shape[1], k.shape[2]))
+    if p.causal:
+        visible = visible & (k <= q)
+    if p.window is not None:
+        visible = visible & (q - k < p.window)
+    return visible
+
+
+def textbook(
+    p: AttentionProblem,
+    *,
+    visible: Visible = positions_visible,
+    kv_head_of: Callable[[int, int], np.ndarray] | None = None,
+    scale: float | None = None,
+    subtract_max: bool = True,
+    softcap_after_mask: bool = False,
+    guard_empty_rows: bool = True,
+    alibi_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    lse_log: Callable[[np.ndarray], np.ndarray] = np.log,
+    accumulate: Any = None,
+) -> Any:
+    """Plain matmul-softmax-matmul in float32 (float64 for float64 problems), as users write it.
+
+    Each keyword is a place where a kernel goes wrong; the defaults are right.
+    """
+    acc = accumulate or (np.float64 if p.dtype == "float64" else np.float32)
+    q, k, v = (to_numpy(x).astype(acc) for x in (p.q, p.k, p.v))
+    q_pos, k_pos = to_numpy(p.q_pos).astype(np.int64), to_numpy(p.k_pos).astype(np.int64)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    heads = np.arange(Hq) // (Hq // Hkv) if kv_head_of is None else kv_head_of(Hq, Hkv)
+    k, v = k[:, heads], v[:, heads]  # (B, Hq, Sk, D): each query head's KV head
+    distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
+    if alibi_distance is not None:
+        distance = alibi_distance(q_pos, k_pos)
+    seen = visible(q_pos, k_pos, p)[:, None]  # (B, 1, Sq, Sk)
+    with np.errstate(all="ignore"):  # a float16 accumulator may overflow: that is its bug
+        s = (q @ np.swapaxes(k, -1, -2)) * acc(p.scale if scale is None else scale)
+        if p.softcap is not None and not softcap_after_mask:
+            s = p.softcap * np.tanh(s / p.softcap)
+        if p.alibi_slopes is not None:
+            slopes = to_numpy(p.alibi_slopes).astype(acc).reshape(-1, Hq, 1, 1)
+            s = s - slopes * distance[:, None].astype(acc)
+        s = np.where(seen, s, -np.inf)  # (B, Hq, Sq, Sk)
+        if p.softcap is not None and softcap_after_mask:
+            s = p.softcap * np.tanh(s / p.softcap)
+        m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+        m = np.where(np.isfinite(m), m, 0) if subtract_max else np.zeros_like(m)
+        e = np.exp(s - m)
+        z = e.sum(axis=-1, keepdims=True, dtype=acc)
+        out = (e @ v) / z
+        if guard_empty_rows:
+            out = np.where(z > 0, out, 0)
+        lse = (lse_log(z) + m)[..., 0]
+    if p.return_lse:
+        return out.astype(np.float64), lse.astype(np.float64)
+    return out.astype(np.float64)
+
+
+def blockwise(p: AttentionProblem) -> Any:
+    """Correct: refattn's online-softmax form, in blocks of 5 keys and 3 queries."""
+    return refattn.attention_blockwise(
+        p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos, scale=p.scale,
+        window=p.window, softcap=p.softcap, alibi_slopes=p.alibi_slopes,
+        return_lse=p.return_lse, block_q=3, block_k=5,
+    )  # fmt: skip
+
+
+def split_kv(p: AttentionProblem) -> Any:
+    """Correct: refattn's split-KV decoding, 3 splits merged."""
+    return refattn.attention_split_kv(
+        p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos, scale=p.scale,
+        window=p.window, softcap=p.softcap, alibi_slopes=p.alibi_slopes,
+        return_lse=p.return_lse, num_splits=3,
+    )  # fmt: skip
+
+
+# -- the wrong ones ------------------------------------------------------------
+
+
+def top_left_causal(p: AttentionProblem) -> Any:
+    """Causal mask ``tril(ones(Sq, Sk))``: query i sees keys 0..i, wrong on a cache (Sq < Sk)."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        keep = positions_visible(q_pos, k_pos, replace(p, causal=False))
+        if p.causal:
+            Sq, Sk = q_pos.shape[1], k_pos.shape[1]
+            keep = keep & (np.arange(Sk)[None, :] <= np.arange(Sq)[:, None])[None]
+        return keep
+
+    return textbook(p, visible=visible)
+
+
+def causal_excludes_diagonal(p: AttentionProblem) -> Any:
+    """``k_pos < q_pos``: a token cannot see itself."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        keep = positions_visible(q_pos, k_pos, p)
+        return keep & (k_pos[:, None, :] < q_pos[:, :, None]) if p.causal else keep
+
+    return textbook(p, visible=visible)
+
+
+def unscaled(p: AttentionProblem) -> Any:
+    """Forgets ``1 / sqrt(D)`` (or the scale asked for)."""
+    return textbook(p, scale=1.0)
+
+
+def gqa_heads_interleaved(p: AttentionProblem) -> Any:
+    """Query head h reads KV head ``h % Hkv`` instead of ``h // (Hq / Hkv)``."""
+    return textbook(p, kv_head_of=lambda hq, hkv: np.arange(hq) % hkv)
+
+
+def window_off_by_one(p: AttentionProblem) -> Any:
+    """``q_pos - k_pos <= window``: one key too many."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        keep = positions_visible(q_pos, k_pos, replace(p, window=None))
+        if p.window is not None:
+            keep = keep & (q_pos[:, :, None] - k_pos[:, None, :] <= p.window)
+        return keep
+
+    return textbook(p, visible=visible)
+
+
+def nan_on_fully_masked_row(p: AttentionProblem) -> Any:
+    """0 / 0 = NaN where a query sees no key (and its lse is NaN too)."""
+    return textbook(p, guard_empty_rows=False, subtract_max=True)
+
+
+def ignores_k_pos(p: AttentionProblem) -> Any:
+    """Assumes slot j holds position j: empty and reordered slots are treated as real."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        slots = np.broadcast_to(np.arange(k_pos.shape[1]), k_pos.shape)
+        return positions_visible(q_pos, slots, p)
+
+    return textbook(p, visible=visible)
+
+
+def first_row_positions(p: AttentionProblem) -> Any:
+    """Uses row 0's positions for the whole batch."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        shared = positions_visible(q_pos[:1], k_pos[:1], p)
+        return np.broadcast_to(shared, (q_pos.shape[0], *shared.shape[1:]))
+
+    return textbook(p, visible=visible)
+
+
+def softmax_without_max(p: AttentionProblem) -> Any:
+    """``exp(s) / sum(exp(s))`` without subtracting the row max: overflows for large scores."""
+    return textbook(p, subtract_max=False)
+
+
+def softcap_after_masking(p: AttentionProblem) -> Any:
+    """Masks to -inf, then soft-caps: masked keys come back at -softcap with weight e^-c."""
+    return textbook(p, softcap_after_mask=True)
+
+
+def alibi_on_slot_index(p: AttentionProblem) -> Any:
+    """ALiBi distance from slot indices instead of positions (wrong on a cache)."""
+
+    def distance(q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        Sq, Sk = q_pos.shape[1], k_pos.shape[1]
+        rows = Sk - Sq + np.arange(Sq)
+        return np.broadcast_to(np.abs(rows[:, None] - np.arange(Sk)[None, :]), (1, Sq, Sk))
+
+    return textbook(p, alibi_distance=distance)
+
+
+def lse_in_base_2(p: AttentionProblem) -> Any:
+    """Returns the log-sum-exp in base 2, as kernels keep it internally."""
+    return textbook(p, lse_log=np.log2)
+
+
+def accumulates_in_float16(p: AttentionProblem) -> Any:
+    """Keeps scores, sums and products in float16 (wrong for long rows)."""
+    return textbook(p, accumulate=np.float16 if p.dtype == "float16" else None)
+
+
+#: Each wrong kernel, with the dtypes its bug shows in.
+WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
+    f.__name__: (f, dtypes)
+    for f, dtypes in (
+        (top_left_causal, ("float32",)),
+        (causal_excludes_diagonal, ("float32",)),
+        (unscaled, ("float32",)),
+        (gqa_heads_interleaved, ("float32",)),
+        (window_off_by_one, ("float32",)),
+        (nan_on_fully_masked_row, ("float32",)),
+        (ignores_k_pos, ("float32",)),
+        (first_row_positions, ("float32",)),
+        (softmax_without_max, ("float32",)),
+        (softcap_after_masking, ("float32",)),
+        (alibi_on_slot_index, ("float32",)),
+        (lse_in_base_2, ("float32",)),
+        (accumulates_in_float16, ("float16",)),
+    )
+}
+#: Correct kernels written differently from the spec.
+CORRECT: dict[str, Callable[[AttentionProblem], Any]] = {
+    f.__name__: f for f in (textbook, blockwise, split_kv)
+}
