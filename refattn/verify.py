@@ -19,12 +19,25 @@ failing row names a problem that can be rebuilt from its spec.
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
 
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends import cases as all_cases
@@ -39,6 +52,7 @@ from refattn.testing.agreement import (
 )
 from refattn.testing.decoding import CACHE_KINDS, Step, make_cache, measure_cache, random_steps
 from refattn.testing.problems import ProblemSpec, build_problem, random_spec
+from refattn.testing.report import Report
 
 
 @dataclass
@@ -166,63 +180,201 @@ def run(
     return rows
 
 
-def format_table(rows: list[Row], skipped: dict[str, str]) -> str:
-    """The verify table, then the skipped backends and the first failing problem of each row.
+def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """One plain dict per row: the table's cells, for printing and for ``--json``.
 
     ``max error`` and ``allowed`` are those of the problem whose output came
     closest to its bound; ``used`` is the largest share of a bound used by any
     problem, output or lse (over 100% fails).
     """
-    header = (
-        "backend", "device", "dtype", "property", "cases", "max error", "allowed", "used", "verdict"
-    )  # fmt: skip
-    lines = [header]
-    for row in rows:
-        worst = row.worst_out
-        error = "-" if worst is None else f"{worst.error:.2e}"
-        allowed = "-" if worst is None else f"{worst.allowed:.2e}"
-        verdict = "pass" if row.passed else f"FAIL ({len(row.failures)})"
-        c = row.case
-        cells = (c.backend.name, c.device, c.dtype, row.check, str(row.cases))
-        lines.append((*cells, error, allowed, f"{row.used:.0%}", verdict))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+    return [
+        {
+            "backend": row.case.backend.name,
+            "device": row.case.device,
+            "dtype": row.case.dtype,
+            "property": row.check,
+            "cases": row.cases,
+            "max_error": None if row.worst_out is None else row.worst_out.error,
+            "allowed": None if row.worst_out is None else row.worst_out.allowed,
+            "used": row.used,
+            "passed": row.passed,
+            "failures": [asdict(spec) for spec in row.failures],
+        }
+        for row in rows
     ]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    for name, reason in skipped.items():
-        text.append(f"{name}: skipped ({reason})")
-    for row in rows:
-        if row.failures:
-            text.append(f"first failure of {row.case.id} {row.check}: {row.failures[0]}")
-    return "\n".join(text)
 
 
-def main(*, problems: int, sequences: int, histories: int = 10, seed: int) -> int:
+def format_table(rows: list[Row], skipped: dict[str, str]) -> Table:
+    """The verify table: a line per (backend, device, dtype) and property."""
+    table = Table(title="refattn verify: the spec against the loop oracle", title_justify="left")
+    for name in ("backend", "device", "dtype", "property"):
+        table.add_column(name)
+    for name in ("cases", "max error", "allowed", "used"):
+        table.add_column(name, justify="right")
+    table.add_column("verdict")
+    for cells in table_rows(rows):
+        error, allowed = cells["max_error"], cells["allowed"]
+        n_failed = len(cells["failures"])
+        table.add_row(
+            cells["backend"], cells["device"], cells["dtype"], cells["property"],
+            str(cells["cases"]),
+            "-" if error is None else f"{error:.2e}",
+            "-" if allowed is None else f"{allowed:.2e}",
+            f"{cells['used']:.0%}",
+            "pass" if cells["passed"] else f"[bold red]FAIL ({n_failed})[/]",
+        )  # fmt: skip
+    return table
+
+
+def main(
+    *,
+    problems: int,
+    sequences: int,
+    histories: int = 10,
+    seed: int,
+    dtypes: tuple[str, ...] | None = None,
+    json_path: str | None = None,
+    console: Console | None = None,
+) -> int:
     """Run verify on every selected backend; print the table; 0 if everything passed."""
     from refattn.tests.oracle import oracle_attention
 
+    console = console or make_console()
     chosen = selected()
     skipped = {b.name: b.unavailable_reason() or "" for b in chosen if not b.available()}
     unselected = sorted(set(BACKENDS) - {b.name for b in chosen})
     skipped |= {name: "not in REFATTN_BACKENDS" for name in unselected}
-    cases = all_cases()
-    print(
+    cases = [c for c in all_cases() if dtypes is None or c.dtype in dtypes]
+    console.print(
         f"refattn verify: {len(cases)} backend/device/dtype cases, {problems} problems "
         f"{sequences} chunked sequences and {histories} histories per cache kind each, "
-        f"seed {seed}",
-        flush=True,
+        f"seed {seed}"
     )
-    rows = run(
-        cases,
-        oracle_attention,
-        problems=problems,
-        sequences=sequences,
-        histories=histories,
-        seed=seed,
-        progress=lambda row: print(f"  checked {row.case.id}", flush=True),
-    )
-    print(format_table(rows, skipped))
+    with progress_bar(console) as bar:
+        task = bar.add_task("verifying", total=len(cases))
+        rows = run(
+            cases,
+            oracle_attention,
+            problems=problems,
+            sequences=sequences,
+            histories=histories,
+            seed=seed,
+            progress=lambda row: bar.update(task, advance=1, description=row.case.id),
+        )
+    console.print(format_table(rows, skipped))
+    for name, reason in skipped.items():
+        console.print(f"{name}: skipped ({reason})", highlight=False)
+    for row in rows:
+        if row.failures:
+            console.print(
+                f"first failure of {row.case.id} {row.check}: {row.failures[0]}",
+                highlight=False, markup=False, soft_wrap=True,
+            )  # fmt: skip
     failed = [row for row in rows if not row.passed]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if json_path:
+        write_json(json_path, {"spec": table_rows(rows), "skipped": skipped})
+    console.print(f"{len(rows) - len(failed)} passed, {len(failed)} failed", highlight=False)
     return 1 if failed else 0
+
+
+def check_candidate(
+    target: str,
+    *,
+    backends: list[str],
+    dtypes: tuple[str, ...] | None,
+    examples: int,
+    features: list[str] | None,
+    seed: int | None,
+    json_path: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """``refattn verify --candidate module:function``: check_attention on each backend."""
+    from refattn.testing import check_attention
+
+    console = console or make_console()
+    fn = import_target(target)
+    reports = []
+    with progress_bar(console) as bar:
+        for name in backends:
+            backend = BACKENDS[name]
+            if not backend.available():
+                console.print(f"{name}: skipped ({backend.unavailable_reason()})")
+                continue
+            device = backend.devices()[0]
+            kinds = tuple(d for d in backend.dtypes(device) if dtypes is None or d in dtypes)
+            if dtypes is None:
+                kinds = ("float32",)
+            task = bar.add_task(f"{target} on {name}", total=examples * len(kinds))
+
+            def advance(_: object, task: TaskID = task) -> None:
+                bar.update(task, advance=1)
+
+            report = check_attention(
+                fn, backend=name, dtypes=kinds, features=features, max_examples=examples,
+                seed=seed, on_example=advance,
+            )  # fmt: skip
+            bar.update(task, completed=examples * len(kinds))
+            reports.append(report)
+    for report in reports:
+        console.print(report_table(report))
+        for failure in report.failures:
+            console.print(str(failure), highlight=False, markup=False, soft_wrap=True)
+    if json_path:
+        write_json(json_path, {"candidate": target, "reports": [r.to_dict() for r in reports]})
+    passed = bool(reports) and all(r.passed for r in reports)
+    console.print(f"{target}: {'passed' if passed else 'FAILED'}", highlight=False)
+    return 0 if passed else 1
+
+
+def report_table(report: Report) -> Table:
+    """Per dtype and feature: problems tried, passed, failed and unsupported."""
+    verdict = "passed" if report.passed else "[bold red]FAILED[/]"
+    table = Table(
+        title=f"{report.name} on {report.backend} ({report.device}): {verdict}",
+        title_justify="left",
+    )
+    table.add_column("dtype")
+    table.add_column("feature")
+    for name in ("tried", "passed", "failed", "unsupported"):
+        table.add_column(name, justify="right")
+    for dtype, per in report.counts.items():
+        for tag, c in sorted(per.items(), key=lambda item: (item[0] != "all", item[0])):
+            failed = f"[bold red]{c.failed}[/]" if c.failed else "0"
+            table.add_row(dtype, tag, str(c.tried), str(c.passed), failed, str(c.unsupported))
+    return table
+
+
+def import_target(target: str) -> Callable[..., Any]:
+    """``module:function`` (or ``module.function``) imported."""
+    module_name, sep, attr = target.partition(":")
+    if not sep:
+        module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"candidate must look like module:function; got {target!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"candidate {target!r} is not callable")
+    return obj
+
+
+def make_console() -> Console:
+    """A console that keeps tables whole when output is piped or captured."""
+    return Console(width=None if sys.stdout.isatty() else 160, file=sys.stdout)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=float)

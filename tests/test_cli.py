@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,7 @@ def test_verify_prints_a_passing_table(capsys: pytest.CaptureFixture[str]) -> No
     printed = capsys.readouterr().out
     assert code == 0
     for dtype in ("float64", "float32", "float16"):
-        assert f"numpy    cpu     {dtype}" in printed
+        assert re.search(rf"numpy\s*│\s*cpu\s*│\s*{dtype}\s*│", printed), printed
     assert "= oracle" in printed and "decode = full" in printed
     assert "blockwise = oracle" in printed and "split-KV = oracle" in printed
     for kind in ("static", "dynamic", "sliding", "paged", "quantized"):
@@ -43,3 +46,46 @@ def test_verify_exits_non_zero_when_a_case_fails(
     printed = capsys.readouterr().out
     assert code == 1
     assert "FAIL" in printed and "first failure of numpy-cpu-float64 = oracle" in printed
+
+
+def test_verify_narrows_dtypes_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "verify.json"
+    argv = ["verify", "--examples", "3", "--sequences", "1", "--histories", "1",
+            "--backends", "numpy", "--dtypes", "float16", "--json", str(path)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(path.read_text())["spec"]
+    assert {row["dtype"] for row in rows} == {"float16"}
+    assert all(row["passed"] for row in rows)
+    assert {row["cases"] for row in rows if row["property"] == "= oracle"} == {3}
+
+
+def test_verify_candidate_passes_a_correct_kernel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "candidate.json"
+    argv = ["verify", "--candidate", "refattn.tests.wrong_attention:blockwise",
+            "--examples", "40", "--dtypes", "float32,float64", "--json", str(path)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "refattn.tests.wrong_attention:blockwise: passed" in printed
+    (report,) = json.loads(path.read_text())["reports"]
+    assert report["passed"] and set(report["counts"]) == {"float32", "float64"}
+    assert report["counts"]["float64"]["all"]["passed"] == 40
+
+
+def test_verify_candidate_fails_a_wrong_kernel_and_prints_its_reproducer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["verify", "--candidate", "refattn.tests.wrong_attention:causal_excludes_diagonal"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "from refattn.tests.wrong_attention import causal_excludes_diagonal" in printed
+    assert "spec = ProblemSpec(" in printed and "causal=True" in printed
+    assert printed.rstrip().endswith("causal_excludes_diagonal: FAILED")
+
+
+def test_verify_candidate_that_does_not_exist_is_named() -> None:
+    with pytest.raises(AttributeError, match="no_such_kernel"):
+        main(["verify", "--candidate", "refattn.tests.wrong_attention:no_such_kernel"])
