@@ -1,4 +1,8 @@
-"""The README's example runs and prints what it says it prints."""
+"""The README's and the docs' examples run and print what they say they print.
+
+The ``python`` blocks of a page run in order in one namespace (a page reads
+as one session); ``print(...)  # text`` promises what the line prints.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,23 @@ import io
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_example_runs_and_prints_its_comment() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md has no python example"
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_page_examples_run_and_print_their_comments(page: Path) -> None:
+    if not page.exists():
+        pytest.skip(f"{page.name} is not in this checkout")
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    if page.name == "README.md":
+        assert blocks, "README.md has no python example"
+    namespace: dict[str, object] = {"__name__": "__main__"}
     for block in blocks:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(compile(block, str(README), "exec"), {})
+            exec(compile(block, str(page), "exec"), namespace)
         promised = re.findall(r"print\(.*\)\s+# (.*)", block)
         assert printed.getvalue().strip().splitlines() == promised

@@ -259,8 +259,14 @@ class Report:
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]  # fmt: skip
         for dtype in self.dtypes:
-            if self.supported(dtype) == 0 and dtype in self.counts:
+            tried, supported = self.tried(dtype), self.supported(dtype)
+            if supported == 0 and dtype in self.counts:
                 lines.append(f"{dtype}: every problem was unsupported, so nothing was shown")
+            elif supported < tried / 4:
+                lines.append(
+                    f"{dtype}: only {supported} of {tried} problems were supported; "
+                    "features= narrows the draws to what the kernel expresses"
+                )
         for failure in self.failures:
             lines += ["", str(failure)]
         return "\n".join(lines)
