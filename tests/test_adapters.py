@@ -1,10 +1,10 @@
 """The adapters for PyTorch SDPA, FlexAttention and flash-attn agree with the spec.
 
 Each search runs ``check_attention`` with its default 200 problems and a fixed
-seed, so a run is repeatable: in float32, with logits near 1e4, two correct
-kernels that round the scores in a different order can land more than k = 5
-times apart when the spec's own rounding happens to be lucky on a row whose
-two best keys nearly tie (seen once in about 20 random SDPA searches).
+seed, so a run is repeatable. (Seed 14 on torch once flagged SDPA, correctly
+rounding scores near 1e4 in another order than the spec on a row whose two
+best keys nearly tie; the rule now takes the spec's largest error over
+several rounding orders, which is what lets it pass.)
 
 flash-attn needs CUDA and the flash_attn package; without them its searches
 skip, and its adapters are checked against a small model of flash-attn

@@ -42,6 +42,12 @@ float64 it is rounding noise in the scores, which two correct implementations
 draw differently: Hypothesis found torch at 2.5x NumPy's error with logits near
 1e4, so these take PyTorch's SDPA-test fudge factor, :math:`k = 5`.
 
+For third-party kernels (``check_attention``), :math:`\text{spec}_t`'s error
+is the largest over a few correct evaluations of the spec that round in
+different orders (one pass, keys reversed, online softmax): on an
+ill-conditioned row (two keys nearly tied under scores near 1e4) one order
+alone can be luckily exact.
+
 ==========  =====  ============  ====================================
 dtype       k_t    atol_t        why atol_t
 ==========  =====  ============  ====================================
