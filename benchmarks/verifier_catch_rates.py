@@ -56,9 +56,9 @@ def main() -> None:
         name: (lambda s, fn=fn: check_attention(fn, dtypes=dtypes, seed=s))
         for name, fn in CORRECT.items()
     }
+    cache_dtypes = ("float32", "float16")
     correct |= {
-        f"cache: {name}": (lambda s, f=factory: check_cache(f, dtypes=("float32", "float16"),
-                                                           seed=s))  # fmt: skip
+        f"cache: {name}": (lambda s, f=factory: check_cache(f, dtypes=cache_dtypes, seed=s))
         for name, factory in CORRECT_CACHES.items()
     }
     try:

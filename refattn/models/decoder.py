@@ -1,0 +1,232 @@
+"""What every decoder shares: a forward pass with or without a cache, and generation.
+
+A model's forward pass takes token ids (B, T) and, optionally, its
+:class:`~refattn.models.cache.LayerCaches`:
+
+* without a cache, the T tokens of each row attend causally to each other
+  (``n_new[b]`` of them are real, the rest right padding, invisible as keys);
+* with a cache, they are the row's next tokens: their queries sit at
+  positions ``lengths[b] .. lengths[b] + T - 1``, their keys and values are
+  appended to every layer's cache, and they attend to everything cached.
+
+:meth:`Decoder.generate` drives either form: a prompt per row (of any
+length), then one token per step, greedy at temperature 0 and sampled from a
+seeded NumPy generator otherwise. Without a cache each step recomputes the
+whole sequence, O(s^2) per token; with one it computes the new token alone,
+O(s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from refattn.attention import attention
+from refattn.caches import KVCache, SlidingWindowCache
+from refattn.models.cache import LayerCaches
+from refattn.namespace import Array, Namespace
+
+
+class Decoder:
+    """The shared machinery; :class:`~refattn.models.GPT` and :class:`~refattn.models.Llama`
+    supply ``embed``, ``block`` and ``head``."""
+
+    params: dict[str, Array]
+    xp: Namespace
+    n_layer: int
+    kv_heads: int
+    head_dim: int
+    window: int | None = None
+
+    # -- what a model supplies ---------------------------------------------
+
+    def embed(self, ids: Array, positions: Array) -> Array:
+        """(B, T) ids at (B, T) positions -> (B, T, d)."""
+        raise NotImplementedError
+
+    def block(self, i: int, x: Array, positions: Array, attend: Any) -> Array:
+        """Layer ``i`` on (B, T, d); ``attend(q, k, v)`` is its attention."""
+        raise NotImplementedError
+
+    def head(self, x: Array) -> Array:
+        """(B, T, d) -> (B, T, V) logits."""
+        raise NotImplementedError
+
+    # -- the forward pass ---------------------------------------------------
+
+    def __call__(
+        self, ids: Any, cache: LayerCaches | None = None, *, n_new: Sequence[int] | None = None
+    ) -> Array:
+        """Logits (B, T, V) for a prefill or a decode step (with ``cache``), or a full pass.
+
+        ``n_new[b]`` says how many of row b's T tokens are real (default all);
+        the rest are right padding, never seen as keys and never cached.
+        """
+        xp = self.xp
+        ids = xp.asarray(ids, dtype=xp.int64, device=self.device)
+        B, T = ids.shape
+        steps = xp.arange(T, dtype=xp.int64, device=self.device)[None, :]  # (1, T)
+        if cache is not None:
+            positions = cache.lengths[:, None] + steps  # (B, T): after what is cached
+            k_pos = None
+        else:
+            positions = xp.broadcast_to(steps, (B, T))
+            k_pos = positions
+            if n_new is not None:
+                real = xp.asarray(list(n_new), dtype=xp.int64, device=self.device)[:, None]
+                k_pos = xp.where(steps < real, positions, -1)  # padding holds no key
+        x = self.embed(ids, positions)
+        for i in range(self.n_layer):
+            layer = None if cache is None else cache[i]
+
+            def attend(q: Array, k: Array, v: Array, layer: KVCache | None = layer) -> Array:
+                return self.attend(q, k, v, positions, layer, k_pos, n_new)
+
+            x = self.block(i, x, positions, attend)
+        return self.head(x)
+
+    def attend(self, q: Array, k: Array, v: Array, positions: Array, layer: KVCache | None,
+               k_pos: Array | None, n_new: Sequence[int] | None) -> Array:  # fmt: skip
+        """Causal attention of the new queries to the cache (or to each other)."""
+        window, sinks = self.window, 0
+        if layer is not None:
+            k, v, k_pos = layer.update(k, v, n_new)
+            if isinstance(layer, SlidingWindowCache):
+                window, sinks = layer.window, layer.sink_tokens
+        return attention(q, k, v, causal=True, q_pos=positions, k_pos=k_pos, window=window,
+                         sink_tokens=sinks)  # fmt: skip
+
+    # -- generation -----------------------------------------------------------
+
+    def new_caches(self, kind: str, *, batch: int, capacity: int, **options: Any) -> LayerCaches:
+        """Empty caches of ``kind`` for this model (a sliding one keeps the model's window)."""
+        if kind == "sliding" and self.window is not None:
+            options = {"window": self.window, **options}
+        return LayerCaches(
+            kind, layers=self.n_layer, batch=batch, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, capacity=capacity, dtype=self.dtype,
+            device=self.device, xp=self.xp, **options,
+        )  # fmt: skip
+
+    def generate(
+        self,
+        ids: Any,
+        max_new_tokens: int,
+        *,
+        use_cache: bool = True,
+        cache: str = "static",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        return_logits: bool = False,
+        **cache_options: Any,
+    ) -> Any:
+        """Continue each prompt by ``max_new_tokens`` tokens.
+
+        Parameters
+        ----------
+        ids : prompts, a (B, T) array or a list of B token lists of any lengths
+        use_cache : decode through caches of kind ``cache`` (O(s) per token), or
+            recompute the whole sequence at every step (O(s^2) per token)
+        cache : "static", "dynamic", "sliding", "paged" or "quantized";
+            ``cache_options`` go to :class:`~refattn.models.LayerCaches`
+        temperature, top_k, seed : 0 is greedy (the first of equal logits);
+            otherwise softmax(logits / temperature) over the ``top_k`` largest,
+            sampled from ``numpy.random.default_rng(seed)``
+        return_logits : also return the logits each step chose from, (B, V) each
+
+        Returns
+        -------
+        list of B token lists (prompt, then the new tokens), and with
+        ``return_logits`` the list of per-step logits as float64 NumPy.
+        """
+        prompts = [[int(t) for t in row] for row in _rows(ids)]
+        if not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("ids must hold at least one prompt, each of at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        rng = np.random.default_rng(seed)
+        tokens = [p[:] for p in prompts]
+        chosen_from: list[np.ndarray] = []
+        caches = None
+        if use_cache:
+            capacity = max(len(p) for p in prompts) + max_new_tokens
+            caches = self.new_caches(cache, batch=len(prompts), capacity=capacity,
+                                     **cache_options)  # fmt: skip
+        for step in range(max_new_tokens):
+            if caches is None:  # the whole sequence again
+                logits = self(_padded(tokens), n_new=[len(t) for t in tokens])
+                last = _last(logits, [len(t) for t in tokens])
+            elif step == 0:  # prefill: every prompt at once
+                logits = self(_padded(tokens), caches, n_new=[len(t) for t in tokens])
+                last = _last(logits, [len(t) for t in tokens])
+            else:  # decode: the last token of each row
+                last = _host(self.xp, self([[t[-1]] for t in tokens], caches)[:, -1, :])
+            chosen_from.append(last)
+            for row, token in zip(tokens, _choose(last, temperature, top_k, rng), strict=True):
+                row.append(int(token))
+        return (tokens, chosen_from) if return_logits else tokens
+
+    @property
+    def device(self) -> Any:
+        from array_api_compat import device
+
+        return device(next(iter(self.params.values())))
+
+    @property
+    def dtype(self) -> Any:
+        return next(iter(self.params.values())).dtype
+
+
+def _rows(ids: Any) -> list[Any]:
+    if hasattr(ids, "shape") and len(ids.shape) == 2:
+        return [_host_ints(ids[b]) for b in range(ids.shape[0])]
+    return list(ids)
+
+
+def _host_ints(x: Any) -> list[int]:
+    if hasattr(x, "tolist"):
+        return [int(t) for t in x.tolist()]
+    return [int(t) for t in x]
+
+
+def _padded(rows: list[list[int]]) -> list[list[int]]:
+    """Right-pad with token 0 (padding is never a key, and its logits are never read)."""
+    width = max(len(r) for r in rows)
+    return [r + [0] * (width - len(r)) for r in rows]
+
+
+def _last(logits: Array, lengths: list[int]) -> np.ndarray:
+    """Each row's logits at its last real token, as float64 NumPy (B, V)."""
+    host = _host(None, logits)
+    return np.stack([host[b, n - 1] for b, n in enumerate(lengths)])
+
+
+def _host(xp: Namespace | None, x: Array) -> np.ndarray:
+    """Any library's array as float64 NumPy, without importing the library."""
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
+        x = x.get()
+    elif hasattr(x, "detach"):  # PyTorch
+        x = x.detach().cpu().double()
+    elif type(x).__module__.startswith("array_api_strict"):
+        x = x._array
+    return np.asarray(x, dtype=np.float64)
+
+
+def _choose(
+    logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator
+) -> list[int]:
+    """Greedy at temperature 0, else a seeded draw from softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return [int(i) for i in np.argmax(logits, axis=-1)]
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    scaled = logits / temperature
+    if top_k is not None:
+        kth = np.sort(scaled, axis=-1)[:, -min(top_k, scaled.shape[-1])][:, None]
+        scaled = np.where(scaled >= kth, scaled, -np.inf)
+    p = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return [int(rng.choice(p.shape[-1], p=row)) for row in p]
