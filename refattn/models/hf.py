@@ -32,20 +32,20 @@ def from_hf(hf_model: Any, *, xp: Any = None, device: Any = None, dtype: Any = N
         bfloat16 widened to float32, which holds it exactly)
     """
     kind = type(hf_model).__name__
+    if kind not in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM"):
+        raise TypeError(
+            "hf_model must be a GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM; "
+            f"got {kind}"
+        )
     config = hf_model.config
     builder: Any
     state = {name: _numpy(t, dtype) for name, t in hf_model.state_dict().items()}
     if kind == "GPT2LMHeadModel":
         model_config: Any = _gpt_config(config)
         prefix, builder = "transformer.", GPT
-    elif kind in ("LlamaForCausalLM", "MistralForCausalLM"):
+    else:
         model_config = _llama_config(config, kind)
         prefix, builder = "model.", Llama
-    else:
-        raise TypeError(
-            "hf_model must be a GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM; "
-            f"got {kind}"
-        )
     params = {name.removeprefix(prefix): x for name, x in state.items()}
     wanted = set(builder.random(_tiny(model_config), seed=0).params)  # the names it reads
     missing = sorted(wanted - set(params))
