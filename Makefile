@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy refattn backends tests
+	$(BIN)/mypy refattn backends tests benchmarks examples
 
 install: $(STAMP)
 

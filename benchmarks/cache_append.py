@@ -15,16 +15,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
-from refattn import DynamicCache, PagedCache, QuantizedCache, SlidingWindowCache, StaticCache
+from refattn import (
+    DynamicCache,
+    KVCache,
+    PagedCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    StaticCache,
+)
 
 B, H, D = 1, 8, 64
 
 
-def make(kind: str, tokens: int):  # type: ignore[no-untyped-def]
-    shape = {"batch": B, "kv_heads": H, "head_dim": D, "dtype": np.float32}
+def make(kind: str, tokens: int) -> KVCache:
+    shape: dict[str, Any] = {"batch": B, "kv_heads": H, "head_dim": D, "dtype": np.float32}
     if kind == "static":
         return StaticCache(**shape, max_len=tokens)
     if kind == "dynamic":

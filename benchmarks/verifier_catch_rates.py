@@ -13,9 +13,11 @@ same seeds and must never fail.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from refattn.testing import Report, check_attention, check_cache
@@ -36,6 +38,14 @@ def catch_row(name: str, check: Callable[[int], Report], seeds: range) -> str:
     return f"| {name} | {len(needed)}/{len(seeds)} | {median} | {largest} | {seconds:.1f} |"
 
 
+def _attention_report(fn: Callable[..., Any], dtypes: tuple[str, ...], seed: int) -> Report:
+    return check_attention(fn, dtypes=dtypes, seed=seed)
+
+
+def _cache_report(factory: Callable[..., Any], dtypes: tuple[str, ...], seed: int) -> Report:
+    return check_cache(factory, dtypes=dtypes, seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=21)
@@ -43,30 +53,24 @@ def main() -> None:
     print("| wrong kernel or cache | caught | median examples | most examples | seconds |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, (fn, dtypes) in WRONG.items():
-        print(catch_row(name, lambda s, fn=fn, d=dtypes: check_attention(fn, dtypes=d, seed=s),
-                        seeds), flush=True)  # fmt: skip
+        check: Callable[[int], Report] = partial(_attention_report, fn, dtypes)
+        print(catch_row(name, check, seeds), flush=True)
     for name, factory in WRONG_CACHES.items():
-        print(catch_row(f"cache: {name}", lambda s, f=factory: check_cache(f, seed=s), seeds),
-              flush=True)  # fmt: skip
+        check = partial(_cache_report, factory, ("float32",))
+        print(catch_row(f"cache: {name}", check, seeds), flush=True)
     print()
     print("| correct kernel or cache | flagged |")
     print("| --- | ---: |")
     dtypes = ("float64", "float32", "float16", "bfloat16")
     correct: dict[str, Callable[[int], Report]] = {
-        name: (lambda s, fn=fn: check_attention(fn, dtypes=dtypes, seed=s))
-        for name, fn in CORRECT.items()
+        name: partial(_attention_report, fn, dtypes) for name, fn in CORRECT.items()
     }
-    cache_dtypes = ("float32", "float16")
-    correct |= {
-        f"cache: {name}": (lambda s, f=factory: check_cache(f, dtypes=cache_dtypes, seed=s))
-        for name, factory in CORRECT_CACHES.items()
-    }
-    try:
+    for name, factory in CORRECT_CACHES.items():
+        correct[f"cache: {name}"] = partial(_cache_report, factory, ("float32", "float16"))
+    if importlib.util.find_spec("torch") is not None:
         from refattn.testing.adapters import torch_sdpa
 
-        correct["torch_sdpa"] = lambda s: check_attention(torch_sdpa, dtypes=dtypes, seed=s)
-    except ImportError:
-        pass
+        correct["torch_sdpa"] = partial(_attention_report, torch_sdpa, dtypes)
     for name, check in correct.items():
         flagged: list[Any] = [s for s in seeds if not check(s).passed]
         print(f"| {name} | {len(flagged)}/{len(seeds)} |", flush=True)
