@@ -317,6 +317,14 @@ def check_candidate(
             reports.append(report)
     for report in reports:
         console.print(report_table(report))
+        for dtype in report.dtypes:
+            supported, tried = report.supported(dtype), report.tried(dtype)
+            if supported < tried / 4:
+                console.print(
+                    f"{dtype}: only {supported} of {tried} problems were supported; "
+                    "--features narrows the draws to what the candidate expresses",
+                    highlight=False,
+                )
         for failure in report.failures:
             console.print(str(failure), highlight=False, markup=False, soft_wrap=True)
     if json_path:
