@@ -20,12 +20,14 @@ from refattn.testing import to_numpy
 class ListCache:
     """Correct: appends copies to a list and concatenates on read (the legacy HF layout)."""
 
-    def __init__(self, *, batch: int, kv_heads: int, head_dim: int, max_len: int, **_: Any):
+    def __init__(self, *, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: Any,
+                 **_: Any):  # fmt: skip
+        self.dtype = dtype
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
 
     def store(self, k_new: Any, v_new: Any) -> tuple[np.ndarray, np.ndarray]:
-        return to_numpy(k_new).astype(np.float32), to_numpy(v_new).astype(np.float32)
+        return to_numpy(k_new).astype(self.dtype), to_numpy(v_new).astype(self.dtype)
 
     def update(self, k_new: Any, v_new: Any) -> tuple[np.ndarray, ...]:
         k, v = self.store(k_new, v_new)
@@ -42,11 +44,12 @@ class KeepsViews(ListCache):
 
 
 class HalfPrecisionStorage(ListCache):
-    """Stores float16 whatever dtype it was asked for."""
+    """Stores float16 whatever dtype it was asked for (so float32 keys lose precision)."""
 
     def store(self, k_new: Any, v_new: Any) -> tuple[np.ndarray, np.ndarray]:
         k, v = super().store(k_new, v_new)
-        return k.astype(np.float16), v.astype(np.float16)
+        # float16 storage, handed back in the dtype asked for (the precision is gone)
+        return k.astype(np.float16).astype(self.dtype), v.astype(np.float16).astype(self.dtype)
 
 
 class SequenceFirstLayout(ListCache):
@@ -64,8 +67,9 @@ class SequenceFirstLayout(ListCache):
 class StaticBuffer:
     """Correct: a preallocated (B, H, max_len, D) buffer and its positions."""
 
-    def __init__(self, *, batch: int, kv_heads: int, head_dim: int, max_len: int, **_: Any):
-        self.k = np.zeros((batch, kv_heads, max_len, head_dim), np.float32)
+    def __init__(self, *, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: Any,
+                 **_: Any):  # fmt: skip
+        self.k = np.zeros((batch, kv_heads, max_len, head_dim), dtype)
         self.v = np.zeros_like(self.k)
         self.pos = np.full((batch, max_len), -1)
         self.n = 0
