@@ -295,16 +295,22 @@ def _cast(xp: Namespace, x: Array, dtype: object) -> Array:
 def weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
     """:math:`o_i = \\sum_j p_{ij} v_j` over visible keys only, (B, Hkv, G, Sq, Dv).
 
-    With finite values this is one (G * Sq, Sk) x (Sk, Dv) product per KV head.
-    A NaN or inf value would leak through that product into queries that
-    cannot see it (a weight of exactly 0 times NaN is NaN), so then each
-    query sums only the values it sees: slower, and only taken when needed.
+    This is one (G * Sq, Sk) x (Sk, Dv) product per KV head, which reads V
+    once. A NaN or inf value would leak through that product into queries
+    that cannot see it (a weight of exactly 0 times NaN is NaN), so the rows
+    whose product is not finite are summed again over only the values their
+    query sees: slower, and taken only then. Checking the (small) output
+    rather than V keeps V to one read, and a row whose product is finite saw
+    only finite values, so it keeps the product.
     """
     B, Hkv, G, Sq, Sk = p.shape
     Dv = v.shape[-1]
-    if bool(xp.all(xp.isfinite(v))):
-        out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
-        return xp.reshape(out, (B, Hkv, G, Sq, Dv))
+    out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
+    out = xp.reshape(out, (B, Hkv, G, Sq, Dv))
+    finite = xp.all(xp.isfinite(out), axis=-1, keepdims=True)  # (B, Hkv, G, Sq, 1)
+    if bool(xp.all(finite)):
+        return out
     zero = xp.zeros((), dtype=v.dtype, device=device(v))
     seen = xp.where(visible[..., None], v[:, :, None, None, :, :], zero)  # (B, Hkv, G, Sq, Sk, Dv)
-    return xp.sum(p[..., None] * seen, axis=-2)  # (B, Hkv, G, Sq, Dv)
+    exact = xp.sum(p[..., None] * seen, axis=-2)  # (B, Hkv, G, Sq, Dv)
+    return xp.where(finite, out, exact)
