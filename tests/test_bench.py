@@ -1,0 +1,143 @@
+"""``refattn bench`` runs a tiny grid end to end, writes what it promises, and refuses to
+time a wrong answer quietly. No timing is asserted: only that times exist and are positive."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn.cli import main
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BACKENDS = ["numpy", "torch"] if HAS_TORCH else ["numpy"]
+#: Two decode lengths and one prefill, small enough for a whole run in about a second.
+TINY = ["bench", "--seq-lens", "16,24", "--batch", "1", "--q-heads", "4", "--kv-heads", "2",
+        "--head-dim", "8", "--prefill-heads", "2", "--prefill-head-dim", "8",
+        "--prefill-seq-lens", "12", "--block-k", "8", "--repeats", "1", "--warmup", "0",
+        "--bandwidth-mib", "4", "--backends", ",".join(BACKENDS)]  # fmt: skip
+
+
+def _bench(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    path = tmp_path / "bench.json"
+    code = main([*TINY, "--json", str(path), *extra])
+    return code, json.loads(path.read_text())
+
+
+def test_bench_writes_a_row_per_mode_backend_and_path_with_times_and_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = _bench(tmp_path)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert set(report) == {"rows", "bandwidth", "machine", "settings", "skipped"}
+    rows = report["rows"]
+    seen = {(r["mode"], r["seq_len"], r["backend"], r["implementation"]) for r in rows}
+    for backend in BACKENDS:
+        for mode, s in (("decode", 16), ("decode", 24), ("prefill", 12)):
+            assert (mode, s, backend, "refattn.attention") in seen
+            assert (mode, s, backend, "refattn.attention_blockwise") in seen
+    assert {r["q_len"] for r in rows if r["mode"] == "decode"} == {1}
+    assert {r["q_len"] for r in rows if r["mode"] == "prefill"} == {12}
+    for row in rows:
+        assert row["median_s"] > 0 and row["min_s"] <= row["median_s"]
+        assert row["kv_bytes"] == 2 * 1 * row["kv_heads"] * row["seq_len"] * 8 * 4
+        assert row["floor_s"] == pytest.approx(row["kv_bytes"] / row["read_bandwidth"])
+    blockwise = [r for r in rows if r["implementation"] == "refattn.attention_blockwise"]
+    assert {(r["block_q"], r["block_k"]) for r in blockwise} == {(8, 8)}
+    assert {(b["backend"], b["device"]) for b in report["bandwidth"]} >= {("numpy", "cpu")}
+    assert all(b["read"] > 0 and b["copy"] > 0 for b in report["bandwidth"])
+    assert report["machine"]["numpy"] == np.__version__
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["settings"]["repeats"] == 1
+    assert "refattn.attention" in printed and "% read BW" in printed
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the peers and the check need torch")
+def test_bench_checks_every_row_against_sdpa_and_gives_ratios_to_torch(tmp_path: Path) -> None:
+    _, report = _bench(tmp_path)
+    rows = report["rows"]
+    peers = {
+        (r["mode"], r["seq_len"], r["implementation"]) for r in rows if r["backend"] == "torch"
+    }
+    assert ("decode", 16, "torch SDPA") in peers and ("prefill", 12, "torch matmul") in peers
+    # Peers on the CPU serve NumPy and torch-CPU alike: timed once per shape.
+    sdpa = [r for r in rows if r["implementation"] == "torch SDPA"]
+    assert len(sdpa) == 3
+    for row in rows:
+        assert row["agrees"] is True, row
+        assert row["vs_sdpa"] > 0 and row["vs_fastest_torch"] > 0
+        assert row["vs_fastest_torch"] >= row["vs_sdpa"] * (1 - 1e-12)
+    for row in sdpa:
+        assert row["vs_sdpa"] == 1.0 and row["reference"].startswith("refattn.attention")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the check compares with SDPA")
+def test_bench_marks_a_row_that_disagrees_with_sdpa_and_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    honest = refattn.attention_blockwise
+
+    def off_by_a_little(*args: Any, **kwargs: Any) -> Any:
+        out: Any = honest(*args, **kwargs)
+        return out + 1e-2
+
+    monkeypatch.setattr(refattn, "attention_blockwise", off_by_a_little)
+    code, report = _bench(tmp_path, "--backends", "numpy")
+    printed = capsys.readouterr().out
+    assert code == 1
+    verdicts = {r["implementation"]: r["agrees"] for r in report["rows"]}
+    assert verdicts["refattn.attention_blockwise"] is False
+    assert verdicts["refattn.attention"] is True
+    assert "MISMATCH" in printed
+
+
+def test_bench_plot_writes_a_file_or_says_matplotlib_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plot = tmp_path / "decode.png"
+    code, _ = _bench(tmp_path, "--plot", str(plot), "--backends", "numpy")
+    printed = capsys.readouterr().out
+    assert code == 0
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in printed and not plot.exists()
+    else:
+        assert plot.stat().st_size > 0 and "plot written" in printed
+
+
+def test_bench_plot_says_matplotlib_is_missing_and_still_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import now raises ImportError
+    plot = tmp_path / "decode.png"
+    code, _ = _bench(tmp_path, "--plot", str(plot), "--backends", "numpy", "--mode", "decode")
+    assert code == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not plot.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--q-heads", "6", "--kv-heads", "4"], "q heads (6) must be a multiple of kv heads (4)"),
+        (["--mode", "train"], "mode must be one of"),
+        (["--repeats", "0"], "repeats must be at least 1"),
+        (["--seq-lens", "16,x"], "expected comma-separated integers"),
+        (["--dtypes", ""], "dtypes must name at least one value"),
+        (["--backends", "jax"], "backend must be one of"),
+    ],
+)
+def test_bench_rejects_a_bad_grid_before_timing_anything(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
