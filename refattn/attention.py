@@ -260,14 +260,24 @@ def scores(call: Call, queries: slice, keys: slice) -> tuple[Array, Array]:
         s = s + alibi_bias(xp, call.slopes, q_pos, k_pos)  # (B, Hkv, G, bq, bk)
     if call.bias is not None:
         s = s + _block(call.bias, queries, keys)  # (B, Hkv, G, bq, bk)
+    return s, block_visibility(call, queries, keys)
 
+
+def block_visibility(call: Call, queries: slice, keys: slice) -> Array:
+    """Which keys of a block each query of a block may see, (B, 1 or Hkv, 1 or G, bq, bk).
+
+    From positions (and the mask) alone, so a blockwise pass can skip a block
+    before computing its scores.
+    """
+    xp = call.xp
+    q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
     visible = visibility(
         xp, q_pos, k_pos, causal=call.causal, window=call.window, sink_tokens=call.sink_tokens
     )
     visible = visible[:, None, None, :, :]  # (B, 1, 1, bq, bk)
     if call.mask is not None:
         visible = visible & _block(call.mask, queries, keys)  # (B, Hkv, G, bq, bk)
-    return s, visible
+    return visible
 
 
 def _block(x: Array, queries: slice, keys: slice) -> Array:

@@ -28,7 +28,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from refattn.attention import Call, prepare, scores, weighted_sum
+from refattn.attention import Call, block_visibility, prepare, scores, weighted_sum
 from refattn.merge import merge_states_n
 from refattn.namespace import Array, Namespace
 from refattn.softmax import masked_softmax
@@ -93,10 +93,11 @@ def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tupl
     denom = xp.zeros((B, Hkv, G, bq, 1), dtype=dtype, device=on)  # running denominator, l
     acc = xp.zeros((B, Hkv, G, bq, call.v.shape[-1]), dtype=dtype, device=on)  # running a
     for keys in key_blocks:
-        s, visible = scores(call, queries, keys)  # (B, Hkv, G, bq, bk)
-        if not bool(xp.any(visible)):
+        if not bool(xp.any(block_visibility(call, queries, keys))):
             continue  # a block no query here can see: a kernel never loads it
-        s = xp.where(visible, s, neg_inf)
+        s, visible = scores(call, queries, keys)  # (B, Hkv, G, bq, bk)
+        if not bool(xp.all(visible)):  # a block below the diagonal needs no masking
+            s = xp.where(visible, s, neg_inf)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         shift = _finite_or_zero(xp, m_new)  # rows still empty shift by 0
         rescale = xp.exp(m - shift)  # e^(m - m'), 0 while the row was empty
