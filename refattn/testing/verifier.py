@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -93,9 +93,18 @@ def make_problem(
     spec: ProblemSpec, *, backend: str = "numpy", dtype: str = "float32", device: str | None = None
 ) -> AttentionProblem:
     """The :class:`AttentionProblem` of ``spec`` on ``backend``/``device`` in ``dtype``."""
+    return _on_backend(spec, _rounded(spec, dtype), backend, dtype, device)
+
+
+def _rounded(spec: ProblemSpec, dtype: str) -> dict[str, Any]:
+    """The spec's float64 arrays, rounded to ``dtype``: what the candidate and the oracle see."""
     _check_checkable(spec)
+    return rounded_arrays(build_problem(spec), dtype)
+
+
+def _on_backend(spec: ProblemSpec, arrays: dict[str, Any], backend: str, dtype: str,
+                device: str | None) -> AttentionProblem:  # fmt: skip
     case = resolve_case(backend, device, dtype)
-    arrays = rounded_arrays(build_problem(spec), dtype)
     on = {n: case.backend.asarray(x, dtype=dtype, device=case.device) for n, x in arrays.items()}
     D = spec.head_dim
     return AttentionProblem(
@@ -136,7 +145,8 @@ def check_problem(
     >>> check_problem(mine, ProblemSpec(q_len=2, k_len=5, causal=True, window=3)).passed
     True
     """
-    problem = make_problem(spec, backend=backend, dtype=dtype, device=device)
+    arrays = _rounded(spec, dtype)  # built once: the candidate's inputs and the oracle's
+    problem = _on_backend(spec, arrays, backend, dtype, device)
     start = Outcome(spec=spec, dtype=dtype, backend=backend, device=problem.device)
     try:
         result = fn(problem)
@@ -145,10 +155,10 @@ def check_problem(
     except Exception as exc:  # a crash is a failure, shrunk like any other
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return start.but(message=f"raised {exc!r} at {where.filename}:{where.lineno}")
-    return _judge(start, result, build_problem(spec).v.shape, spec, dtype)
+    return _judge(start, result, arrays, spec, dtype)
 
 
-def _judge(start: Outcome, result: Any, v_shape: tuple[int, ...], spec: ProblemSpec,
+def _judge(start: Outcome, result: Any, arrays: dict[str, Any], spec: ProblemSpec,
            dtype: str) -> Outcome:  # fmt: skip
     """Compare a candidate's result with the oracle under the tolerance rule."""
     if spec.return_lse:
@@ -159,7 +169,6 @@ def _judge(start: Outcome, result: Any, v_shape: tuple[int, ...], spec: ProblemS
         if isinstance(result, tuple | list):
             return start.but(message="return_lse is not set, so fn must return out alone")
         out_raw, lse_raw = result, None
-    arrays: dict[str, Any] = rounded_arrays(build_problem(spec), dtype)
     ref_out, ref_lse, allowed = allowance(arrays, _scalars(spec), dtype)
     out, message = _as_numpy("out", out_raw, ref_out.shape)
     if message:
@@ -356,10 +365,8 @@ def check_attention(
 
 
 def _check_checkable(spec: ProblemSpec) -> None:
-    extras = {f.name for f in fields(spec) if f.name in ("mask", "bias", "sinks", "nan_slots")}
-    used = sorted(name for name in extras if getattr(spec, name))
-    if used or spec.sink_tokens:
-        used += ["sink_tokens"] if spec.sink_tokens else []
+    used = [n for n in ("mask", "bias", "sinks", "nan_slots", "sink_tokens") if getattr(spec, n)]
+    if used:
         raise ValueError(
             f"a checked problem has no mask, bias, sinks, NaN values or sink tokens; "
             f"spec sets {used}"
