@@ -113,6 +113,8 @@ from refattn.verify import make_console, progress_bar, write_json
 MODES = ("decode", "prefill")
 #: The spec's two paths, timed on every selected backend.
 SPEC_PATHS = ("refattn.attention", "refattn.attention_blockwise")
+#: The fused split-KV decode kernel of ``backends/cupy_decode.py``, timed on CuPy decode rows.
+FUSED = "cupy fused decode"
 #: The PyTorch peers, timed once per peer device.
 PEERS = ("torch SDPA", "torch matmul")
 #: ``(rtol, atol)`` for ``np.allclose(row output, reference output)``: loose enough
@@ -428,8 +430,11 @@ def plan(shapes: Iterable[Shape], targets: Sequence[Target]) -> tuple[list[Job],
             if peer is not None and peer not in peers_planned:
                 jobs += [Job(shape, name, "torch", peer, peer) for name in PEERS]
                 peers_planned.add(peer)
+            paths: tuple[str, ...] = SPEC_PATHS
+            if target.backend.name == "cupy" and shape.mode == "decode":
+                paths = (*SPEC_PATHS, FUSED)
             jobs += [Job(shape, name, target.backend.name, target.device, peer)
-                     for name in SPEC_PATHS]  # fmt: skip
+                     for name in paths]  # fmt: skip
     return jobs, skipped
 
 
@@ -445,7 +450,7 @@ def run(
 ) -> list[Row]:
     """Check, then time, every job; rows come back in the jobs' order.
 
-    The data of a shape is drawn once from ``seed`` in float64 NumPy and
+    The data of a shape is drawn once from ``seed`` in NumPy (see :func:`draw_data`) and
     rounded to the shape's dtype by each backend, so every path sees the same
     values.
     """
@@ -502,13 +507,18 @@ def run(
 
 
 def draw_data(shape: Shape, seed: int) -> dict[str, np.ndarray]:
-    """q (B, Hq, Sq, D), k and v (B, Hkv, S, D): standard normal float64, from ``seed``."""
+    """q (B, Hq, Sq, D), k and v (B, Hkv, S, D): standard normal, from ``seed``.
+
+    Drawn in float32 (float64 for a float64 shape): a GPU grid holds caches of
+    several GB, and drawing them in float64 would take longer than timing them.
+    """
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, D, S = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim, shape.seq_len
+    dtype = np.float64 if shape.dtype == "float64" else np.float32
     return {
-        "q": rng.standard_normal((B, Hq, shape.q_len, D)),
-        "k": rng.standard_normal((B, Hkv, S, D)),
-        "v": rng.standard_normal((B, Hkv, S, D)),
+        "q": rng.standard_normal((B, Hq, shape.q_len, D), dtype=dtype),
+        "k": rng.standard_normal((B, Hkv, S, D), dtype=dtype),
+        "v": rng.standard_normal((B, Hkv, S, D), dtype=dtype),
     }
 
 
@@ -521,12 +531,16 @@ def make_step(job: Job, q: Any, k: Any, v: Any, *, block_q: int, block_k: int) -
         return lambda: refattn.attention_blockwise(
             q, k, v, causal=causal, block_q=block_q, block_k=block_k
         )
+    if job.implementation == FUSED:
+        from refattn.backends.cupy_decode import decode_attention
+
+        return lambda: decode_attention(q, k, v, causal=causal)
     if job.implementation == "torch SDPA":
         return torch_sdpa(q, k, v, causal=causal)
     if job.implementation == "torch matmul":
         return torch_matmul(q, k, v, causal=causal)
     raise ValueError(
-        f"implementation must be one of {SPEC_PATHS + PEERS}; got {job.implementation!r}"
+        f"implementation must be one of {(*SPEC_PATHS, FUSED, *PEERS)}; got {job.implementation!r}"
     )
 
 
