@@ -7,18 +7,18 @@ what the peer returned. Only conventions that differ on purpose are mapped,
 each where the adapter says so; a problem the peer cannot say raises
 :class:`~refattn.testing.Unsupported` with the reason, which the report counts.
 
-==========================  ==================================  ============================
-adapter                     expresses                           raises Unsupported for
-==========================  ==================================  ============================
-``torch_sdpa``              any positions, causal, window,      softcap, lse
-                            GQA, ALiBi (as a float mask)
-``torch_flex_attention``    any positions, causal, window,      Sk = 0; a torch without
-                            GQA, softcap, ALiBi, lse            FlexAttention
-``flash_attn_func``         default positions, causal, window,  other positions, float32/64,
-                            GQA, softcap, ALiBi, lse            Dv != D, D > 256, and more
-``flash_attn_with_kvcache`` the same, and per-row cache         the same, and Sk = 0
-                            lengths (``cache_seqlens``)
-==========================  ==================================  ============================
+===========================  ==================================  ============================
+adapter                      expresses                           raises Unsupported for
+===========================  ==================================  ============================
+``torch_sdpa``               any positions, causal, window,      softcap, lse
+                             GQA, ALiBi (as a float mask)
+``torch_flex_attention``     any positions, causal, window,      Sk = 0; a torch without
+                             GQA, softcap, ALiBi, lse            FlexAttention
+``flash_attn_func``          default positions, causal, window,  other positions, float32/64,
+                             GQA, softcap, ALiBi, lse            Dv != D, D > 256, and more
+``flash_attn_with_kvcache``  the same, and per-row cache         the same, and Sk = 0
+                             lengths (``cache_seqlens``)
+===========================  ==================================  ============================
 
 PyTorch and flash-attn are imported inside the adapters, never when this
 module is: ``refattn.testing`` must stay importable, and cheap, where neither

@@ -119,7 +119,8 @@ def spec_error_bound(
 
     Parameters
     ----------
-    arrays : the float64 arrays of the call: ``q, k, v`` and any of ``q_pos, k_pos,
+    arrays : dict
+        The float64 arrays of the call: ``q, k, v`` and any of ``q_pos, k_pos,
         bias, alibi_slopes, sink_logits``
     dtype : the dtype the spec ran in
     scale : the score scale (default ``1/sqrt(D)``)
