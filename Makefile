@@ -1,5 +1,9 @@
 # make verify: set up .venv if needed, install, run the spec against the oracle on every backend.
 # make test:   the same set-up, then lint, type checks and the whole test suite.
+# make docs:   the same set-up plus the docs extra, then the HTML site in docs/_build/html,
+#              warnings as errors, checked for any script, stylesheet or font fetched remotely.
+# make docs-check: make docs, then render the main pages in headless Chromium (screenshots in
+#              docs/_build/screenshots) and check that formulas and plots appear.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,8 +11,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
+HTML := docs/_build/html
 
-.PHONY: verify test lint typecheck install clean
+.PHONY: verify test lint typecheck install docs docs-check clean
 
 verify: $(STAMP)
 	$(BIN)/refattn verify
@@ -21,9 +27,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy refattn backends tests benchmarks examples
+	$(BIN)/mypy refattn backends tests benchmarks examples docs
 
 install: $(STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf $(HTML)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs $(HTML)
+	$(BIN)/python docs/check_offline.py $(HTML)
+
+docs-check: docs
+	$(BIN)/python docs/check_render.py $(HTML) docs/_build/screenshots
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,4 +52,5 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build \
+		docs/figures/caches
