@@ -67,9 +67,10 @@ _STORAGE = {"float16": "unsigned short", "float32": "float", "float64": "double"
 _ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 
 _KERNELS = r"""
-#define CH ((D + LPK * VEC - 1) / (LPK * VEC))    // key vectors per lane
-#define CHV ((DV + LPK * VEC - 1) / (LPK * VEC))  // value vectors per lane
-#define GPW (32 / LPK)                            // workers per warp
+// CH vectors of VEC elements per lane cover a key or value row of up to
+// CH * LPK * VEC elements; D and DV themselves are arguments.
+#define CHV CH
+#define GPW (32 / LPK)  // workers per warp
 #define FULL 0xffffffffu
 
 struct __align__(VEC_BYTES) Vec { T x[VEC]; };
@@ -109,7 +110,8 @@ refattn_decode_split(
     const A* __restrict__ slopes,       // (B or 1, Hq), or null: no ALiBi
     A* __restrict__ part_out,           // (splits, B, Hq, Sq, DV)
     A* __restrict__ part_lse,           // (splits, B, Hq, Sq)
-    int B, int Hq, int Hkv, int Sq, long long S, long long keys_per_split, int row_groups,
+    int B, int Hq, int Hkv, int Sq, long long S, int D, int DV, long long keys_per_split,
+    int row_groups,
     long long k_b, long long k_h, long long k_s,
     long long v_b, long long v_h, long long v_s,
     long long q_pos_b, long long k_pos_b, long long slopes_b,
@@ -328,7 +330,7 @@ extern "C" __global__ void refattn_decode_merge(
     const A* __restrict__ part_lse,  // (splits, rows)
     T* __restrict__ out,             // (rows, DV), the caller's dtype
     A* __restrict__ lse,             // (rows,)
-    int splits, long long rows)
+    int splits, long long rows, int DV)
 {
     const long long row = blockIdx.x;
     const A NEG_INF = neg_inf(A(0));
@@ -353,18 +355,19 @@ extern "C" __global__ void refattn_decode_merge(
 
 @dataclass(frozen=True)
 class Config:
-    """What one compiled kernel is specialised for.
+    """What one compiled kernel is specialised for; the sizes themselves are arguments.
 
-    ``vec`` elements are loaded at a time (up to 16 bytes), ``lpk`` lanes
-    share one key (a power of two, at most 32), ``rows`` query rows share a
-    block and ``keys`` keys are loaded per worker per step.
+    ``vec`` elements are loaded at a time (16 bytes, or one element when the
+    head dims or the strides do not allow it), ``lpk`` lanes share one key (a
+    power of two, at most 32), each holding ``chunks`` vectors of a row;
+    ``rows`` query rows share a block and ``keys`` keys are loaded per worker
+    per step. Few configurations exist, so few kernels are compiled.
     """
 
     dtype: str
-    head_dim: int
-    value_dim: int
     vec: int
     lpk: int
+    chunks: int
     rows: int
     keys: int
 
@@ -374,26 +377,23 @@ class Config:
 
     def source(self) -> str:
         """The CUDA source of both kernels for this configuration."""
+        types = {"T": _STORAGE[self.dtype], "A": "double" if self.dtype == "float64" else "float"}
         defines = {
-            "T": _STORAGE[self.dtype],
-            "A": "double" if self.dtype == "float64" else "float",
-            "D": self.head_dim,
-            "DV": self.value_dim,
             "VEC": self.vec,
             "VEC_BYTES": self.vec * _ITEMSIZE[self.dtype],
             "LPK": self.lpk,
+            "CH": self.chunks,
             "R": self.rows,
             "KT": self.keys,
             "WARPS": WARPS,
         }
-        types = {"T": defines.pop("T"), "A": defines.pop("A")}
         head = "".join(f"typedef {c_type} {name};\n" for name, c_type in types.items())
         head += "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return head + _KERNELS
 
-    def shared_bytes(self) -> int:
-        """Shared memory of the split kernel: per warp and row, (m, l, acc[DV])."""
-        return WARPS * self.rows * (self.value_dim + 2) * _ITEMSIZE[self.compute_dtype]
+    def shared_bytes(self, value_dim: int) -> int:
+        """Shared memory of the split kernel: per warp and row, (m, l, acc[Dv])."""
+        return WARPS * self.rows * (value_dim + 2) * _ITEMSIZE[self.compute_dtype]
 
 
 def choose_config(
@@ -408,29 +408,29 @@ def choose_config(
     Examples
     --------
     float16, D = 128, four query heads per KV head: 8-element (16-byte) loads,
-    16 lanes per key, the four rows in one block.
+    16 lanes per key, one load each, the four rows in one block.
 
     >>> choose_config("float16", 128, 128, 4, aligned_to=8)
-    Config(dtype='float16', head_dim=128, value_dim=128, vec=8, lpk=16, rows=4, keys=4)
+    Config(dtype='float16', vec=8, lpk=16, chunks=1, rows=4, keys=4)
     >>> choose_config("float32", 80, 80, 1, aligned_to=16).vec
     4
-    >>> choose_config("float32", 3, 3, 1, aligned_to=16).vec
-    1
+    >>> choose_config("float32", 3, 3, 1, aligned_to=16)  # one element at a time
+    Config(dtype='float32', vec=1, lpk=4, chunks=1, rows=1, keys=4)
     """
     if dtype not in _STORAGE:
         raise ValueError(f"dtype must be one of {tuple(_STORAGE)}; got {dtype!r}")
     vec = 16 // _ITEMSIZE[dtype]
-    while vec > 1 and (head_dim % vec or value_dim % vec or aligned_to % vec):
-        vec //= 2
+    if head_dim % vec or value_dim % vec or aligned_to % vec:
+        vec = 1
     need = -(-max(head_dim, value_dim) // vec)  # lanes that would cover a row in one load
     lpk = min(32, 1 << (need - 1).bit_length())
-    per_lane = -(-head_dim // (lpk * vec)) * vec + -(-value_dim // (lpk * vec)) * vec
-    registers_per_row = per_lane * (2 if dtype == "float64" else 1)
+    chunks = 1 << (-(-need // lpk) - 1).bit_length()  # a power of two: fewer kernels
+    registers_per_row = 2 * chunks * vec * (2 if dtype == "float64" else 1)  # q and acc
     rows = 1
     while rows < min(n_rows, 8) and 2 * rows * registers_per_row <= ROW_REGISTERS:
         rows *= 2
     keys = 2 if dtype == "float64" else 4
-    return Config(dtype, head_dim, value_dim, vec, lpk, rows, keys)
+    return Config(dtype, vec, lpk, chunks, rows, keys)
 
 
 def choose_splits(
@@ -571,17 +571,25 @@ def decode_attention(
             (Hkv * row_groups, num_splits, B), (WARPS * 32,),
             (q_rows, k, v, q_pos_rows, k_pos_rows, slopes, part_out, part_lse,
              cupy.int32(B), cupy.int32(Hq), cupy.int32(Hkv), cupy.int32(Sq), cupy.int64(S),
-             cupy.int64(keys_per_split), cupy.int32(row_groups),
+             cupy.int32(D), cupy.int32(Dv), cupy.int64(keys_per_split), cupy.int32(row_groups),
              *(cupy.int64(s) for s in strides),
              cupy.int64(q_pos_b), cupy.int64(k_pos_b), cupy.int64(slopes_b),
              real(1.0 / math.sqrt(D) if scale is None else scale), real(softcap or 0.0),
              cupy.int32(bool(causal)), cupy.int64(window or 0), cupy.int64(sink_tokens)),
-            shared_mem=config.shared_bytes(),
+            shared_mem=config.shared_bytes(Dv),
         )  # fmt: skip
         merge_kernel(
             (B * Hq * Sq,),
             (min(128, 32 * -(-Dv // 32)) or 32,),
-            (part_out, part_lse, out, lse, cupy.int32(num_splits), cupy.int64(B * Hq * Sq)),
+            (
+                part_out,
+                part_lse,
+                out,
+                lse,
+                cupy.int32(num_splits),
+                cupy.int64(B * Hq * Sq),
+                cupy.int32(Dv),
+            ),
         )
     return (out, lse) if return_lse else out
 
@@ -601,7 +609,7 @@ def merge_splits(part_out: Any, part_lse: Any, dtype: str) -> tuple[Any, Any]:
             f"part_lse must be part_out's shape less Dv; got {part_lse.shape} and {part_out.shape}"
         )
     compute = "float64" if dtype == "float64" else "float32"
-    config = choose_config(dtype, 1, Dv, 1, aligned_to=1)
+    config = choose_config(dtype, 1, 1, 1, aligned_to=1)
     _, merge_kernel = _kernels(config)
     rows = math.prod(rest)
     out = cupy.empty((*rest, Dv), dtype=dtype)
@@ -611,7 +619,7 @@ def merge_splits(part_out: Any, part_lse: Any, dtype: str) -> tuple[Any, Any]:
             (rows,), (min(128, 32 * -(-Dv // 32)) or 32,),
             (cupy.ascontiguousarray(part_out, dtype=compute),
              cupy.ascontiguousarray(part_lse, dtype=compute), out, lse, cupy.int32(splits),
-             cupy.int64(rows)),
+             cupy.int64(rows), cupy.int32(Dv)),
         )  # fmt: skip
     return out, lse
 

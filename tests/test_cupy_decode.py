@@ -52,7 +52,7 @@ def fused(problem: AttentionProblem, *, num_splits: int | None = None) -> Any:
         ("float16", 64, 8, 8, 8),
         ("float32", 128, 16, 4, 32),
         ("float64", 256, 16, 2, 32),  # a row takes two loads per lane
-        ("float16", 128, 2, 2, 32),  # a view whose strides allow only 4-byte loads
+        ("float16", 128, 2, 1, 32),  # a view whose strides allow no 16-byte loads
         ("float32", 3, 16, 1, 4),
     ],
 )
@@ -63,6 +63,7 @@ def test_config_loads_whole_aligned_vectors(
     assert (config.vec, config.lpk) == (vec, lpk)
     assert head_dim % config.vec == 0 and aligned_to % config.vec == 0
     assert config.lpk * config.vec >= min(head_dim, 32 * config.vec)
+    assert config.chunks * config.lpk * config.vec >= head_dim  # a lane's share covers a row
 
 
 def test_config_rows_fit_the_register_budget_and_shared_memory() -> None:
@@ -73,7 +74,7 @@ def test_config_rows_fit_the_register_budget_and_shared_memory() -> None:
                 assert 1 <= config.rows <= 8
                 assert config.rows & (config.rows - 1) == 0  # few distinct kernels
                 assert config.rows <= max(1, n_rows) * 2
-                assert config.shared_bytes() <= 48 * 1024
+                assert config.shared_bytes(head_dim) <= 48 * 1024
 
 
 def test_splits_fill_the_gpu_without_short_ranges() -> None:
