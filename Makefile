@@ -33,7 +33,7 @@ install: $(STAMP)
 
 docs: $(DOCS_STAMP)
 	rm -rf $(HTML)
-	$(BIN)/sphinx-build -W --keep-going -q -b html docs $(HTML)
+	$(BIN)/sphinx-build -W --keep-going -b html docs $(HTML)
 	$(BIN)/python docs/check_offline.py $(HTML)
 
 docs-check: docs

@@ -25,8 +25,8 @@ class PagedCache(KVCache):
     instead of gathering). Appending writes only the new tokens, so its cost
     per token stays flat; the gather in :meth:`update` costs O(length).
 
-    Memory: the whole pool, :math:`2 \cdot \text{num\_blocks} \cdot H_{kv}
-    \cdot \text{block\_size} \cdot D \cdot \text{itemsize}` bytes, allocated once.
+    Memory: the whole pool, :math:`2 \cdot \mathrm{num\_blocks} \cdot H_{kv}
+    \cdot \mathrm{block\_size} \cdot D \cdot \text{itemsize}` bytes, allocated once.
 
     Parameters
     ----------

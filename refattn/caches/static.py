@@ -17,7 +17,7 @@ class StaticCache(KVCache):
     row has not filled report ``k_pos = -1``. The views alias the storage: they
     are valid until the next update.
 
-    Memory: :math:`2 \cdot B \cdot H_{kv} \cdot \text{max\_len} \cdot D \cdot
+    Memory: :math:`2 \cdot B \cdot H_{kv} \cdot \mathrm{max\_len} \cdot D \cdot
     \text{itemsize}` bytes (with :math:`D_v = D`), whatever the lengths.
 
     Examples
