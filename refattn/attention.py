@@ -48,16 +48,16 @@ def attention(
     .. math::
 
         s_{ij} &= \text{scale} \cdot q_i \cdot k_j
-            && \text{scale defaults to } 1/\sqrt{D} \\
+            \qquad \text{scale defaults to } 1/\sqrt{D} \\
         s_{ij} &\leftarrow c \tanh(s_{ij} / c)
-            && \text{softcap } c \\
+            \qquad \text{softcap } c \\
         s_{ij} &\leftarrow s_{ij} - m_h \lvert q^{pos}_i - k^{pos}_j \rvert + \text{bias}_{ij}
-            && \text{ALiBi slope } m_h \\
+            \qquad \text{ALiBi slope } m_h \\
         V_i &= \{ j : k^{pos}_j \ge 0,\ \text{mask}_{ij},\
             \text{causal} \Rightarrow k^{pos}_j \le q^{pos}_i,\
             q^{pos}_i - k^{pos}_j < W \vee k^{pos}_j < n_{sink} \} \\
         Z_i &= \textstyle\sum_{j \in V_i} e^{s_{ij}} + e^{\sigma_h}
-            && \text{sink logit } \sigma_h \text{, if given} \\
+            \qquad \text{sink logit } \sigma_h \text{, if given} \\
         o_i &= \textstyle\sum_{j \in V_i} (e^{s_{ij}} / Z_i)\, v_j,
             \qquad \text{lse}_i = \log Z_i
 
