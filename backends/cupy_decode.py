@@ -51,8 +51,10 @@ from typing import Any
 
 import numpy as np
 
-#: Warps per block.
+#: Warps per block, and keys each worker loads per step (half that in float64):
+#: module settings, so that a sweep can try others (benchmarks/cupy_decode_sweep.py).
 WARPS = 4
+KEYS_PER_STEP = 4
 #: Fewest keys a split is given when the heuristic picks ``num_splits``.
 MIN_KEYS_PER_SPLIT = 256
 #: Blocks per streaming multiprocessor the heuristic aims at.
@@ -102,7 +104,7 @@ __device__ __forceinline__ double mx(double a, double b) { return fmax(a, b); }
 // sequence b, for up to R of the G * Sq query rows that read that head.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 refattn_decode_split(
-    const A* __restrict__ q,            // (B, Hq, Sq, D), compute dtype, contiguous
+    const T* __restrict__ q,            // (B, Hq, Sq, D), contiguous
     const T* __restrict__ k,            // (B, Hkv, S, D), last axis contiguous
     const T* __restrict__ v,            // (B, Hkv, S, DV), last axis contiguous
     const long long* __restrict__ q_pos,  // (B or 1, Sq), or null: S - Sq + i
@@ -142,13 +144,13 @@ refattn_decode_split(
         const int i = live[r] ? row % Sq : 0;
         qp[r] = q_pos ? q_pos[b * q_pos_b + i] : S - Sq + i;
         slope[r] = slopes ? slopes[b * slopes_b + h] : A(0);
-        const A* qrow = q + (((long long)b * Hq + h) * Sq + i) * D;
+        const T* qrow = q + (((long long)b * Hq + h) * Sq + i) * D;
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
                 const int d = c * LPK * VEC + li * VEC + e;
-                qr[r][c * VEC + e] = (live[r] && d < D) ? qrow[d] * scale : A(0);
+                qr[r][c * VEC + e] = (live[r] && d < D) ? to_acc(qrow[d]) * scale : A(0);
             }
         }
     }
@@ -188,6 +190,7 @@ refattn_decode_split(
                 vis[t][r] = seen;
                 any = any || seen;
             }
+            // A key no row sees is not read: its vectors are zeros, never NaN.
 #pragma unroll
             for (int c = 0; c < CH; ++c) {
                 const int d = c * LPK * VEC + li * VEC;
@@ -214,14 +217,17 @@ refattn_decode_split(
         A s[KT][R];
 #pragma unroll
         for (int t = 0; t < KT; ++t) {
+            A kf[CH * VEC];  // the key, widened once for every row
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) kf[c * VEC + e] = to_acc(kv[t][c].x[e]);
+            }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 A dot = A(0);
 #pragma unroll
-                for (int c = 0; c < CH; ++c) {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) dot += qr[r][c * VEC + e] * to_acc(kv[t][c].x[e]);
-                }
+                for (int x = 0; x < CH * VEC; ++x) dot += qr[r][x] * kf[x];
 #pragma unroll
                 for (int off = LPK / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(FULL, dot, off);
                 if (softcap > A(0)) dot = softcap * th(dot / softcap);
@@ -230,30 +236,50 @@ refattn_decode_split(
             }
         }
 
-        // The online softmax, one query row at a time.
+        // The online softmax. Shifting by 0 while nothing is visible keeps
+        // exp(-inf - shift) = 0 rather than NaN, so no row needs a branch.
+        A p[KT][R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             A tile_max = NEG_INF;
 #pragma unroll
             for (int t = 0; t < KT; ++t) tile_max = mx(tile_max, s[t][r]);
-            if (tile_max == NEG_INF) continue;  // nothing visible to this row here
             const A m_new = mx(m[r], tile_max);
-            const A alpha = ex(m[r] - m_new);  // 0 while m is still -inf
-            l[r] *= alpha;
-#pragma unroll
-            for (int x = 0; x < CHV * VEC; ++x) acc[r][x] *= alpha;
+            const A shift = m_new == NEG_INF ? A(0) : m_new;
+            const A alpha = ex(m[r] - shift);  // 0 while m is still -inf, else e^(m - m')
+            A sum = A(0);
 #pragma unroll
             for (int t = 0; t < KT; ++t) {
-                if (!vis[t][r]) continue;
-                const A p = ex(s[t][r] - m_new);
-                l[r] += p;
+                p[t][r] = ex(s[t][r] - shift);  // 0 for a hidden key
+                sum += p[t][r];
+            }
+            l[r] = l[r] * alpha + sum;
 #pragma unroll
-                for (int c = 0; c < CHV; ++c) {
+            for (int x = 0; x < CHV * VEC; ++x) acc[r][x] *= alpha;
+            m[r] = m_new;
+        }
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[r][c * VEC + e] += p * to_acc(vv[t][c].x[e]);
+        for (int t = 0; t < KT; ++t) {
+            A vf[CHV * VEC];  // the value, widened once for every row
+#pragma unroll
+            for (int c = 0; c < CHV; ++c) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) vf[c * VEC + e] = to_acc(vv[t][c].x[e]);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+                for (int x = 0; x < CHV * VEC; ++x) {
+#if ONE_QUERY
+                    // Every row of the block sits at one position and sees the same
+                    // keys, and a key none sees was never read: p v is exactly 0 there.
+                    acc[r][x] += p[t][r] * vf[x];
+#else
+                    // A key another row sees may hold NaN: add nothing, not 0 * NaN.
+                    acc[r][x] += vis[t][r] ? p[t][r] * vf[x] : A(0);
+#endif
                 }
             }
-            m[r] = m_new;
         }
     }
 
@@ -361,7 +387,9 @@ class Config:
     head dims or the strides do not allow it), ``lpk`` lanes share one key (a
     power of two, at most 32), each holding ``chunks`` vectors of a row;
     ``rows`` query rows share a block and ``keys`` keys are loaded per worker
-    per step. Few configurations exist, so few kernels are compiled.
+    per step, by ``warps`` warps. ``one_query`` (Sq = 1) means every row of a
+    block sits at one position and sees the same keys. Few configurations
+    exist, so few kernels are compiled.
     """
 
     dtype: str
@@ -370,6 +398,8 @@ class Config:
     chunks: int
     rows: int
     keys: int
+    warps: int = WARPS
+    one_query: bool = True
 
     @property
     def compute_dtype(self) -> str:
@@ -385,7 +415,8 @@ class Config:
             "CH": self.chunks,
             "R": self.rows,
             "KT": self.keys,
-            "WARPS": WARPS,
+            "WARPS": self.warps,
+            "ONE_QUERY": int(self.one_query),
         }
         head = "".join(f"typedef {c_type} {name};\n" for name, c_type in types.items())
         head += "".join(f"#define {name} {value}\n" for name, value in defines.items())
@@ -393,11 +424,11 @@ class Config:
 
     def shared_bytes(self, value_dim: int) -> int:
         """Shared memory of the split kernel: per warp and row, (m, l, acc[Dv])."""
-        return WARPS * self.rows * (value_dim + 2) * _ITEMSIZE[self.compute_dtype]
+        return self.warps * self.rows * (value_dim + 2) * _ITEMSIZE[self.compute_dtype]
 
 
 def choose_config(
-    dtype: str, head_dim: int, value_dim: int, n_rows: int, *, aligned_to: int
+    dtype: str, head_dim: int, value_dim: int, n_rows: int, *, aligned_to: int, q_len: int = 1
 ) -> Config:
     """The kernel configuration for a problem.
 
@@ -411,11 +442,11 @@ def choose_config(
     16 lanes per key, one load each, the four rows in one block.
 
     >>> choose_config("float16", 128, 128, 4, aligned_to=8)
-    Config(dtype='float16', vec=8, lpk=16, chunks=1, rows=4, keys=4)
+    Config(dtype='float16', vec=8, lpk=16, chunks=1, rows=4, keys=4, warps=4, one_query=True)
     >>> choose_config("float32", 80, 80, 1, aligned_to=16).vec
     4
-    >>> choose_config("float32", 3, 3, 1, aligned_to=16)  # one element at a time
-    Config(dtype='float32', vec=1, lpk=4, chunks=1, rows=1, keys=4)
+    >>> choose_config("float32", 3, 3, 1, aligned_to=16).vec  # one element at a time
+    1
     """
     if dtype not in _STORAGE:
         raise ValueError(f"dtype must be one of {tuple(_STORAGE)}; got {dtype!r}")
@@ -429,8 +460,8 @@ def choose_config(
     rows = 1
     while rows < min(n_rows, 8) and 2 * rows * registers_per_row <= ROW_REGISTERS:
         rows *= 2
-    keys = 2 if dtype == "float64" else 4
-    return Config(dtype, vec, lpk, chunks, rows, keys)
+    keys = max(1, KEYS_PER_STEP // 2) if dtype == "float64" else KEYS_PER_STEP
+    return Config(dtype, vec, lpk, chunks, rows, keys, WARPS, q_len == 1)
 
 
 def choose_splits(
@@ -522,7 +553,7 @@ def decode_attention(
             f"{v.dtype}"
         )
     for name, x in (("k", k), ("v", v)):
-        if x.shape[3] > 1 and x.strides[3] != x.itemsize:
+        if x.size and x.shape[3] > 1 and x.strides[3] != x.itemsize:
             raise ValueError(
                 f"{name} must be contiguous along its last axis; got strides {x.strides}"
             )
@@ -539,7 +570,7 @@ def decode_attention(
 
     device_id = q.device.id
     compute = "float64" if dtype == "float64" else "float32"
-    q_rows = cupy.ascontiguousarray(q.astype(compute, copy=False))
+    q_rows = cupy.ascontiguousarray(q)
     q_pos_rows, q_pos_b = _positions("q_pos", q_pos, B, Sq)
     k_pos_rows, k_pos_b = _positions("k_pos", k_pos, B, S)
     slopes: Any = _NULL
@@ -552,7 +583,7 @@ def decode_attention(
 
     strides = [s // k.itemsize for s in (*k.strides[:3], *v.strides[:3])]
     aligned_to = math.gcd(k.data.ptr // k.itemsize, v.data.ptr // v.itemsize, *strides, 16)
-    config = choose_config(dtype, D, Dv, Hq // Hkv * Sq, aligned_to=aligned_to or 16)
+    config = choose_config(dtype, D, Dv, Hq // Hkv * Sq, aligned_to=aligned_to or 16, q_len=Sq)
     row_groups = -(-(Hq // Hkv * Sq) // config.rows)
     if num_splits is None:
         num_splits = choose_splits(B, Hkv, row_groups, S,
@@ -568,7 +599,7 @@ def decode_attention(
     real = cupy.float64 if compute == "float64" else cupy.float32
     if B * Hq * Sq:
         split_kernel(
-            (Hkv * row_groups, num_splits, B), (WARPS * 32,),
+            (Hkv * row_groups, num_splits, B), (config.warps * 32,),
             (q_rows, k, v, q_pos_rows, k_pos_rows, slopes, part_out, part_lse,
              cupy.int32(B), cupy.int32(Hq), cupy.int32(Hkv), cupy.int32(Sq), cupy.int64(S),
              cupy.int32(D), cupy.int32(Dv), cupy.int64(keys_per_split), cupy.int32(row_groups),

@@ -5,10 +5,10 @@
 # suite's CuPy and torch-CUDA cases. Each part has a time limit, so one that
 # hangs does not take the others with it; everything lands in OUT.
 #
-#   benchmarks/gpu_check.sh OUT [PARTS]     PARTS: any of tests,profile,bench,cases
+#   benchmarks/gpu_check.sh OUT [PARTS]     PARTS: any of tests,profile,sweep,bench,cases
 set -u
-out=${1:?usage: gpu_check.sh OUT [tests,profile,bench,cases]}
-parts=${2:-tests,profile,bench,cases}
+out=${1:?usage: gpu_check.sh OUT [tests,profile,sweep,bench,cases]}
+parts=${2:-tests,profile,sweep,bench,cases}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 wants() { [[ ",$parts," == *",$1,"* ]]; }
@@ -33,8 +33,13 @@ if wants profile; then
         > "$out/profile.txt" 2>&1
     stamp "spec profile: rc=$?"; cat "$out/profile.txt" | tail -25
 fi
+if wants sweep; then
+    timeout 120 $py benchmarks/cupy_decode_sweep.py --json "$out/sweep.json" \
+        > "$out/sweep.txt" 2>&1
+    stamp "fused kernel settings sweep: rc=$?"; cat "$out/sweep.txt" | tail -100
+fi
 if wants bench; then
-    COLUMNS=200 timeout 180 $py -m refattn.cli bench --backends cupy --batch 1,8 \
+    COLUMNS=200 timeout 180 $py -m refattn.cli bench --backends cupy --mode decode --batch 1,8 \
         --q-heads 32 --kv-heads 8,32 --seq-lens 1024,8192,32768 --dtypes float16 \
         --repeats 20 --warmup 3 --bandwidth-mib 4096 --json "$out/bench.json" \
         --plot "$out/bench.png" > "$out/bench.txt" 2>&1
