@@ -53,12 +53,16 @@ import numpy as np
 
 #: Warps per block, and keys each worker loads per step (half that in float64):
 #: module settings, so that a sweep can try others (benchmarks/cupy_decode_sweep.py).
+#: Two keys per step measured fastest on an H200 (benchmarks/README.md): four
+#: hold more registers and leave fewer warps to hide the loads' latency.
 WARPS = 4
-KEYS_PER_STEP = 4
+KEYS_PER_STEP = 2
+#: Most query rows one block takes (its registers grow with them).
+MAX_ROWS = 8
 #: Fewest keys a split is given when the heuristic picks ``num_splits``.
 MIN_KEYS_PER_SPLIT = 256
 #: Blocks per streaming multiprocessor the heuristic aims at.
-BLOCKS_PER_SM = 4
+BLOCKS_PER_SM = 8
 #: 32-bit registers per lane the query rows and accumulators may take.
 ROW_REGISTERS = 64
 
@@ -442,7 +446,7 @@ def choose_config(
     16 lanes per key, one load each, the four rows in one block.
 
     >>> choose_config("float16", 128, 128, 4, aligned_to=8)
-    Config(dtype='float16', vec=8, lpk=16, chunks=1, rows=4, keys=4, warps=4, one_query=True)
+    Config(dtype='float16', vec=8, lpk=16, chunks=1, rows=4, keys=2, warps=4, one_query=True)
     >>> choose_config("float32", 80, 80, 1, aligned_to=16).vec
     4
     >>> choose_config("float32", 3, 3, 1, aligned_to=16).vec  # one element at a time
@@ -458,7 +462,7 @@ def choose_config(
     chunks = 1 << (-(-need // lpk) - 1).bit_length()  # a power of two: fewer kernels
     registers_per_row = 2 * chunks * vec * (2 if dtype == "float64" else 1)  # q and acc
     rows = 1
-    while rows < min(n_rows, 8) and 2 * rows * registers_per_row <= ROW_REGISTERS:
+    while rows < min(n_rows, MAX_ROWS) and 2 * rows * registers_per_row <= ROW_REGISTERS:
         rows *= 2
     keys = max(1, KEYS_PER_STEP // 2) if dtype == "float64" else KEYS_PER_STEP
     return Config(dtype, vec, lpk, chunks, rows, keys, WARPS, q_len == 1)
@@ -473,7 +477,7 @@ def choose_splits(
     >>> choose_splits(1, 8, 1, 8192, multiprocessors=132)   # one sequence: split
     32
     >>> choose_splits(8, 32, 1, 32768, multiprocessors=132)  # many heads: hardly
-    3
+    5
     >>> choose_splits(1, 8, 1, 100, multiprocessors=132)
     1
     """

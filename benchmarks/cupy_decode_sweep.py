@@ -63,16 +63,22 @@ def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict
     sdpa = median_seconds(peer, args.repeats)
     want = peer()
     heuristic = cupy_decode.choose_splits(batch, kv_heads, 1, seq_len, multiprocessors=sms)
+    # with more row groups the heuristic's split count is divided among them
     kv_bytes = 2 * k.nbytes
     print(f"B={batch} Hkv={kv_heads} S={seq_len}: {kv_bytes / 2**30:.2f} GiB, "
           f"SDPA {sdpa * 1e6:.1f} us ({kv_bytes / sdpa / 1e12:.2f} TB/s)")  # fmt: skip
-    for warps, keys, factor in itertools.product(
+    settings = (cupy_decode.WARPS, cupy_decode.KEYS_PER_STEP, cupy_decode.MAX_ROWS)
+    for warps, keys, max_rows, factor in itertools.product(
         [int(w) for w in args.warps.split(",")],
         [int(kt) for kt in args.keys.split(",")],
+        [int(r) for r in args.max_rows.split(",")],
         [int(f) for f in args.split_factors.split(",")],
     ):
-        cupy_decode.WARPS, cupy_decode.KEYS_PER_STEP = warps, keys
-        splits = heuristic * factor
+        if max_rows > 1 and kv_heads == 32:
+            continue  # one row per KV head: nothing to group
+        cupy_decode.WARPS, cupy_decode.KEYS_PER_STEP, cupy_decode.MAX_ROWS = warps, keys, max_rows
+        row_groups = -(-32 // kv_heads // max_rows)
+        splits = max(1, heuristic * factor // row_groups)
 
         def step(splits: int = splits) -> Any:
             return cupy_decode.decode_attention(q, k, v, num_splits=splits)
@@ -82,13 +88,15 @@ def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict
         seconds = median_seconds(step, args.repeats)
         rows.append({
             "batch": batch, "kv_heads": kv_heads, "seq_len": seq_len, "warps": warps,
-            "keys_per_step": keys, "splits": splits, "median_s": seconds, "sdpa_s": sdpa,
+            "keys_per_step": keys, "max_rows": max_rows, "splits": splits,
+            "median_s": seconds, "sdpa_s": sdpa,
             "kv_bytes": kv_bytes, "max_abs_diff_vs_sdpa": error,
         })  # fmt: skip
-        print(f"  warps {warps} keys {keys} splits {splits:4d}: {seconds * 1e6:8.1f} us "
+        print(f"  warps {warps} keys {keys} rows {max_rows} splits {splits:4d}: "
+              f"{seconds * 1e6:8.1f} us "
               f"{kv_bytes / seconds / 1e12:5.2f} TB/s  SDPA/fused {sdpa / seconds:5.2f}  "
               f"max|diff| {error:.1e}")  # fmt: skip
-    cupy_decode.WARPS, cupy_decode.KEYS_PER_STEP = 4, 4
+    cupy_decode.WARPS, cupy_decode.KEYS_PER_STEP, cupy_decode.MAX_ROWS = settings
     return rows
 
 
@@ -97,9 +105,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warps", default="4,8")
-    parser.add_argument("--keys", default="2,4,8")
-    parser.add_argument("--split-factors", default="1,2,4")
+    parser.add_argument("--warps", default="4")
+    parser.add_argument("--keys", default="1,2")
+    parser.add_argument("--max-rows", default="1,2,4")
+    parser.add_argument("--split-factors", default="1,2")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []

@@ -84,7 +84,7 @@ def test_splits_fill_the_gpu_without_short_ranges() -> None:
         splits = choose_splits(batch, heads, 1, keys, multiprocessors=132)
         assert splits >= 1
         assert splits == 1 or keys / splits >= 256
-        assert batch * heads * splits >= min(4 * 132, batch * heads * max(1, keys // 256))
+        assert batch * heads * splits >= min(8 * 132, batch * heads * max(1, keys // 256))
 
 
 def test_docstring_examples_hold() -> None:
