@@ -15,35 +15,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
 
 import numpy as np
 
-from refattn import (
-    DynamicCache,
-    KVCache,
-    PagedCache,
-    QuantizedCache,
-    SlidingWindowCache,
-    StaticCache,
-)
+from refattn.caches import KVCache, make_cache
 
 B, H, D = 1, 8, 64
 
 
 def make(kind: str, tokens: int) -> KVCache:
-    shape: dict[str, Any] = {"batch": B, "kv_heads": H, "head_dim": D, "dtype": np.float32}
-    if kind == "static":
-        return StaticCache(**shape, max_len=tokens)
-    if kind == "dynamic":
-        return DynamicCache(**shape)
-    if kind == "sliding":
-        return SlidingWindowCache(**shape, window=1024, sink_tokens=4)
-    if kind == "paged":
-        return PagedCache(**shape, block_size=16, num_blocks=-(-tokens // 16))
-    if kind == "quantized":
-        return QuantizedCache(**shape, max_len=tokens)
-    raise ValueError(kind)
+    """A cache of ``kind`` for ``tokens`` tokens; the sliding one keeps 1024 and 4 sinks."""
+    return make_cache(kind, batch=B, kv_heads=H, head_dim=D, capacity=tokens, window=1024,
+                      sink_tokens=4, block_size=16, dtype=np.float32)  # fmt: skip
 
 
 def append_times(kind: str, tokens: int) -> list[float]:

@@ -42,6 +42,7 @@ from rich.table import Table
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends import cases as all_cases
 from refattn.blockwise import attention_blockwise, attention_split_kv
+from refattn.caches import KINDS
 from refattn.testing.agreement import (
     Agreement,
     Oracle,
@@ -50,7 +51,7 @@ from refattn.testing.agreement import (
     rounded_arrays,
     share,
 )
-from refattn.testing.decoding import CACHE_KINDS, Step, make_cache, measure_cache, random_steps
+from refattn.testing.decoding import Step, make_cache, measure_cache, random_steps
 from refattn.testing.problems import ProblemSpec, build_problem, random_spec
 from refattn.testing.report import Report
 
@@ -165,7 +166,7 @@ def run(
         for spec, chunks in decode_specs:
             decode_row.add(spec, measure_decode(build_problem(spec), chunks, case, oracle))
         rows.append(decode_row)
-        for kind in CACHE_KINDS:
+        for kind in KINDS:
             cache_row = Row(case, f"cache: {kind}")
             for spec, steps, shape in cache_histories:
                 arrays = rounded_arrays(build_problem(spec), case.dtype)

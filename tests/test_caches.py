@@ -28,8 +28,8 @@ from hypothesis.stateful import (
 
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends.base import round_to
-from refattn.caches import KVCache, PagedCache, QuantizedCache, StaticCache
-from refattn.testing.decoding import CACHE_KINDS, attend_step, make_cache, window_options
+from refattn.caches import KINDS, KVCache, PagedCache, QuantizedCache, StaticCache
+from refattn.testing.decoding import attend_step, make_cache, window_options
 from refattn.testing.tolerance import max_abs_error, quantized_error_bound, spec_error_bound
 from refattn.tests.oracle import oracle_attention
 
@@ -212,7 +212,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert lengths == [len(h) for h in self.keys]
 
 
-@pytest.mark.parametrize("kind", CACHE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_decoding_through_every_cache_equals_full_causal_attention(
     kind: str, cache_case: Case
 ) -> None:
@@ -273,7 +273,7 @@ def test_static_dynamic_and_paged_caches_give_the_same_outputs(cache_case: Case,
         assert max_abs_error(other, static) <= 2 * _allowed(arrays, cache_case.dtype), kind
 
 
-@pytest.mark.parametrize("kind", CACHE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @given(history=histories(), extra=st.integers(1, 5))
 def test_extra_right_padding_changes_nothing(
     kind: str, cache_case: Case, history, extra: int
@@ -305,7 +305,7 @@ def test_which_physical_blocks_a_paged_row_uses_changes_nothing(
 # -- positional encodings through the cache --------------------------------------
 
 
-@pytest.mark.parametrize("kind", CACHE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @given(
     history=histories(),
     style=st.sampled_from(["neox", "interleaved"]),
@@ -341,7 +341,7 @@ def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
     assert max_abs_error(decoded, ref) <= allowed
 
 
-@pytest.mark.parametrize("kind", CACHE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @given(history=histories())
 def test_alibi_through_the_cache_equals_alibi_on_the_full_sequence(
     kind: str, cache_case: Case, history
@@ -399,7 +399,7 @@ def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[E
     return bad
 
 
-@pytest.mark.parametrize("kind", [*CACHE_KINDS, "cross"])
+@pytest.mark.parametrize("kind", [*KINDS, "cross"])
 def test_a_failed_update_leaves_the_cache_exactly_as_it_was(kind: str, cache_case: Case) -> None:
     from refattn.testing.decoding import decode_schedule
 

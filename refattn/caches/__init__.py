@@ -8,12 +8,14 @@ interface between a cache and :func:`refattn.attention`.
 from refattn.caches.base import KVCache
 from refattn.caches.cross import CrossAttentionCache
 from refattn.caches.dynamic import DynamicCache
+from refattn.caches.kinds import KINDS, make_cache
 from refattn.caches.paged import PagedCache
 from refattn.caches.quantized import QuantizedCache
 from refattn.caches.sliding import SlidingWindowCache
 from refattn.caches.static import StaticCache
 
 __all__ = [
+    "KINDS",
     "CrossAttentionCache",
     "DynamicCache",
     "KVCache",
@@ -21,4 +23,5 @@ __all__ = [
     "QuantizedCache",
     "SlidingWindowCache",
     "StaticCache",
+    "make_cache",
 ]

@@ -6,7 +6,8 @@ a Hugging Face model's weights (no framework is imported here; the model
 brings its own).
 """
 
-from refattn.models.cache import KINDS, LayerCaches
+from refattn.caches import KINDS
+from refattn.models.cache import LayerCaches
 from refattn.models.decoder import Decoder
 from refattn.models.gpt import GPT, GPTConfig
 from refattn.models.hf import from_hf

@@ -12,18 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from refattn.caches import (
-    DynamicCache,
-    KVCache,
-    PagedCache,
-    QuantizedCache,
-    SlidingWindowCache,
-    StaticCache,
-)
+from refattn.caches import KINDS, KVCache, make_cache
 from refattn.namespace import Array, Namespace
-
-#: The cache kinds a model can decode with.
-KINDS = ("static", "dynamic", "sliding", "paged", "quantized")
 
 Legacy = tuple[tuple[Array, Array], ...]
 
@@ -57,13 +47,13 @@ class LayerCaches(Sequence[KVCache]):
     ) -> None:  # fmt: skip
         if kind not in KINDS:
             raise ValueError(f"cache must be one of {KINDS}; got {kind!r}")
-        common: dict[str, Any] = {"batch": batch, "kv_heads": kv_heads, "head_dim": head_dim,
-                                  "dtype": dtype, "device": device, "xp": xp}  # fmt: skip
         self.kind = kind
-        self.layers: list[KVCache] = [
-            _make(kind, common, capacity, window, sink_tokens, block_size, bits)
-            for _ in range(layers)
-        ]
+        shape: dict[str, Any] = {
+            "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim, "capacity": capacity,
+            "window": window, "sink_tokens": sink_tokens, "block_size": block_size, "bits": bits,
+            "dtype": dtype, "device": device, "xp": xp,
+        }  # fmt: skip
+        self.layers: list[KVCache] = [make_cache(kind, **shape) for _ in range(layers)]
 
     def __getitem__(self, i: int) -> KVCache:  # type: ignore[override]
         return self.layers[i]
@@ -101,21 +91,6 @@ class LayerCaches(Sequence[KVCache]):
         for cache, (k, v) in zip(caches, past, strict=True):
             cache.append(k, v)
         return caches
-
-
-def _make(kind: str, common: dict[str, Any], capacity: int, window: int | None,
-          sink_tokens: int, block_size: int, bits: int) -> KVCache:  # fmt: skip
-    if kind == "static":
-        return StaticCache(**common, max_len=capacity)
-    if kind == "dynamic":
-        return DynamicCache(**common)
-    if kind == "sliding":
-        kept = capacity if window is None else window
-        return SlidingWindowCache(**common, window=kept, sink_tokens=sink_tokens)
-    if kind == "paged":
-        blocks = common["batch"] * -(-capacity // block_size)
-        return PagedCache(**common, block_size=block_size, num_blocks=blocks)
-    return QuantizedCache(**common, max_len=capacity, bits=bits)
 
 
 def _in_position_order(cache: KVCache) -> tuple[Array, Array]:

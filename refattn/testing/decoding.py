@@ -17,21 +17,11 @@ import numpy as np
 
 from refattn.attention import attention
 from refattn.backends import Case
-from refattn.caches import (
-    CrossAttentionCache,
-    DynamicCache,
-    KVCache,
-    PagedCache,
-    QuantizedCache,
-    SlidingWindowCache,
-    StaticCache,
-)
+from refattn.caches import KVCache, QuantizedCache, SlidingWindowCache
+from refattn.caches import make_cache as make_empty_cache
 from refattn.namespace import Array
 from refattn.testing.agreement import Agreement, Oracle, share
 from refattn.testing.tolerance import max_abs_error, quantized_error_bound, spec_error_bound
-
-#: The self-attention cache kinds, by name.
-CACHE_KINDS = ("static", "dynamic", "sliding", "paged", "quantized")
 
 Step = tuple[int, list[int]]  # (T, n_new per row)
 
@@ -44,26 +34,21 @@ def make_cache(kind: str, case: Case, *, batch: int, kv_heads: int, head_dim: in
     sample = case.backend.asarray(np.zeros(1), dtype=case.dtype, device=case.device)
     from array_api_compat import device
 
-    common: dict[str, Any] = {
-        "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim,
-        "dtype": sample.dtype, "device": device(sample), "xp": xp,
-    }  # fmt: skip
-    if kind == "static":
-        return StaticCache(**common, max_len=capacity)
-    if kind == "dynamic":
-        return DynamicCache(**common)
-    if kind == "sliding":
-        return SlidingWindowCache(**common, window=window, sink_tokens=sink_tokens)
-    if kind == "paged":
-        blocks = batch * -(-capacity // block_size)
-        return PagedCache(
-            **common, block_size=block_size, num_blocks=blocks, block_order=block_order
-        )
-    if kind == "quantized":
-        return QuantizedCache(**common, max_len=capacity, bits=bits)
-    if kind == "cross":
-        return CrossAttentionCache(**common)
-    raise ValueError(f"kind must be one of {(*CACHE_KINDS, 'cross')}; got {kind!r}")
+    return make_empty_cache(
+        kind,
+        batch=batch,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        capacity=capacity,
+        window=window,
+        sink_tokens=sink_tokens,
+        block_size=block_size,
+        block_order=block_order,
+        bits=bits,
+        dtype=sample.dtype,
+        device=device(sample),
+        xp=xp,
+    )
 
 
 def window_options(cache: KVCache) -> dict[str, Any]:
