@@ -51,6 +51,15 @@ from typing import Any
 
 import numpy as np
 
+from refattn.checks import (
+    check_devices,
+    check_flags,
+    check_per_head,
+    check_positions,
+    check_qkv,
+    check_scalars,
+)
+
 #: Warps per block, and keys each worker loads per step (half that in float64):
 #: module settings, so that a sweep can try others (benchmarks/cupy_decode_sweep.py).
 #: Two keys per step measured fastest on an H200 (benchmarks/README.md): four
@@ -531,59 +540,48 @@ def decode_attention(
     the compute dtype if ``return_lse``.
     """
     try:
+        import array_api_compat.cupy as xp
         import cupy
     except ImportError as error:
         raise TypeError(f"q must be a CuPy array, and CuPy is not installed ({error})") from None
 
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, cupy.ndarray):
+    arrays = {"q": q, "k": k, "v": v, "q_pos": q_pos, "k_pos": k_pos, "alibi_slopes": alibi_slopes}
+    for name, x in arrays.items():
+        if x is not None and not isinstance(x, cupy.ndarray):
             raise TypeError(f"{name} must be a CuPy array; got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have 4 dimensions (B, H, S, D); got shape {x.shape}")
+    # refattn.attention's own checks, so that a bad argument reads the same here
+    check_qkv(xp, q, k, v)
+    check_devices(**arrays)
+    check_flags(causal=causal, return_lse=return_lse)
+    check_scalars(scale, window, softcap, sink_tokens)
     B, Hq, Sq, D = q.shape
-    Bk, Hkv, S, Dk = k.shape
+    _, Hkv, S, _ = k.shape
     Dv = v.shape[3]
-    if (Bk, Dk) != (B, D) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k must be (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv) with q (B, Hq, Sq, D); got q "
-            f"{q.shape}, k {k.shape}, v {v.shape}"
-        )
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
+    if alibi_slopes is not None:
+        check_per_head(xp, "alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))
+    for name, pos, length in (("q_pos", q_pos, Sq), ("k_pos", k_pos, S)):
+        if pos is not None:
+            check_positions(xp, name, pos, B, length)
+    # what only the kernel asks
     dtype = q.dtype.name
-    if dtype not in _STORAGE or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k and v must share one dtype of {tuple(_STORAGE)}; got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}"
-        )
+    if dtype not in _STORAGE:
+        raise TypeError(f"q has dtype {q.dtype}; the fused kernel takes {tuple(_STORAGE)}")
+    if Dv == 0:
+        raise ValueError(f"v has head dim 0; expected >= 1 (shape {tuple(v.shape)})")
     for name, x in (("k", k), ("v", v)):
         if x.size and x.shape[3] > 1 and x.strides[3] != x.itemsize:
             raise ValueError(
                 f"{name} must be contiguous along its last axis; got strides {x.strides}"
             )
-    if D == 0 or Dv == 0:
-        raise ValueError(f"head dims must be at least 1; got D={D}, Dv={Dv}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be at least 1; got {num_splits}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be an integer >= 1; got {window}")
-    if sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be an integer >= 0; got {sink_tokens}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0; got {softcap}")
 
     device_id = q.device.id
     compute = "float64" if dtype == "float64" else "float32"
     q_rows = cupy.ascontiguousarray(q)
-    q_pos_rows, q_pos_b = _positions("q_pos", q_pos, B, Sq)
-    k_pos_rows, k_pos_b = _positions("k_pos", k_pos, B, S)
-    slopes: Any = _NULL
-    slopes_b = 0
-    if alibi_slopes is not None:
-        slopes = cupy.ascontiguousarray(alibi_slopes.astype(compute, copy=False))
-        if slopes.shape not in ((Hq,), (1, Hq), (B, Hq)):
-            raise ValueError(f"alibi_slopes must be (Hq,) or (B, Hq); got {slopes.shape}")
-        slopes_b = Hq if slopes.ndim == 2 and slopes.shape[0] == B and B > 1 else 0
+    q_pos_rows, q_pos_b = _rows(q_pos, cupy.int64)
+    k_pos_rows, k_pos_b = _rows(k_pos, cupy.int64)
+    slopes, slopes_b = _rows(alibi_slopes, compute)
 
     strides = [s // k.itemsize for s in (*k.strides[:3], *v.strides[:3])]
     aligned_to = math.gcd(k.data.ptr // k.itemsize, v.data.ptr // v.itemsize, *strides, 16)
@@ -659,18 +657,13 @@ def merge_splits(part_out: Any, part_lse: Any, dtype: str) -> tuple[Any, Any]:
     return out, lse
 
 
-def _positions(name: str, pos: Any | None, batch: int, length: int) -> tuple[Any, int]:
-    """Positions as contiguous (B or 1, S) int64, and their batch stride; None for default."""
+def _rows(x: Any | None, dtype: Any) -> tuple[Any, int]:
+    """A checked (S,), (1, S) or (B, S) argument as a contiguous array of ``dtype``, and
+    the stride between its rows (0 when every row reads the same); a null pointer for None.
+    """
     import cupy
 
-    if pos is None:
+    if x is None:
         return _NULL, 0
-    if not isinstance(pos, cupy.ndarray):
-        raise TypeError(f"{name} must be a CuPy array; got {type(pos).__name__}")
-    if pos.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers; got {pos.dtype}")
-    rows = pos.reshape(1, -1) if pos.ndim == 1 else pos
-    if rows.ndim != 2 or rows.shape[1] != length or rows.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must be ({length},) or (B, {length}); got {pos.shape}")
-    rows = cupy.ascontiguousarray(rows.astype(cupy.int64, copy=False))
-    return rows, (length if rows.shape[0] > 1 else 0)
+    rows = cupy.ascontiguousarray(x.astype(dtype, copy=False))
+    return rows, (rows.shape[-1] if rows.ndim == 2 and rows.shape[0] > 1 else 0)

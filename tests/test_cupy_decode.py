@@ -196,17 +196,22 @@ def test_a_view_of_a_larger_cache_buffer_is_read_in_place() -> None:
 
 @needs_gpu
 def test_bad_input_is_refused_by_name() -> None:
+    """With refattn.attention's own checks and messages, and the kernel's own on top."""
     import cupy
 
     q = cupy.zeros((1, 4, 1, 8), dtype=cupy.float32)
     k = cupy.zeros((1, 2, 5, 8), dtype=cupy.float32)
-    with pytest.raises(ValueError, match="share one dtype"):
+    with pytest.raises(TypeError, match="k has dtype float16 but q has float32"):
         decode_attention(q, k.astype(cupy.float16), k)
-    with pytest.raises(ValueError, match="multiple of k's heads"):
+    with pytest.raises(ValueError, match="q heads must be a multiple of k heads"):
         decode_attention(q, cupy.zeros((1, 3, 5, 8), cupy.float32), k[:, :1].repeat(3, 1))
+    with pytest.raises(ValueError, match="k_pos must have shape"):
+        decode_attention(q, k, k, k_pos=cupy.arange(4))
+    with pytest.raises(ValueError, match="softcap must be finite and > 0"):
+        decode_attention(q, k, k, softcap=float("inf"))
+    with pytest.raises(TypeError, match="k_pos must be a CuPy array"):
+        decode_attention(q, k, k, k_pos=np.arange(5))
     with pytest.raises(ValueError, match="contiguous along its last axis"):
         decode_attention(q, cupy.zeros((1, 2, 5, 16), cupy.float32)[..., ::2], k)
-    with pytest.raises(ValueError, match="k_pos must be"):
-        decode_attention(q, k, k, k_pos=cupy.arange(4))
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, k, k, num_splits=0)
