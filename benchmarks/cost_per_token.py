@@ -17,21 +17,17 @@ show for the O(s^2) to O(s) argument.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
+from refattn.bench import time_calls
 from refattn.models import GPT, GPTConfig
 
 
 def median_ms(step: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of ``repeats`` calls, by ``time_calls``. No warm-up: a call
+    with the cache appends a token, so each call must be one of the timed steps."""
+    return time_calls(step, lambda: None, repeats=repeats, warmup=0)[0] * 1e3
 
 
 def sweep(model: GPT, positions: list[int], repeats: int) -> list[tuple[int, float, float]]:

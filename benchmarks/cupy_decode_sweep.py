@@ -16,27 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-from collections.abc import Callable
 from typing import Any
 
+from refattn.bench import cuda_event_seconds
+
 SHAPES = [(1, 8, 8192), (1, 8, 32768), (8, 8, 32768), (8, 32, 8192), (8, 32, 32768)]
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    import cupy
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return statistics.median(times)
 
 
 def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict[str, Any]]:
@@ -60,7 +44,7 @@ def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict
             tq, tk, tv, enable_gqa=kv_heads != 32
         )
 
-    sdpa = median_seconds(peer, args.repeats)
+    sdpa = cuda_event_seconds(peer, repeats=args.repeats, warmup=3)
     want = peer()
     heuristic = cupy_decode.choose_splits(batch, kv_heads, 1, seq_len, multiprocessors=sms)
     # with more row groups the heuristic's split count is divided among them
@@ -85,7 +69,7 @@ def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict
 
         got = torch.from_dlpack(step())
         error = float((got.float() - want.float()).abs().max())
-        seconds = median_seconds(step, args.repeats)
+        seconds = cuda_event_seconds(step, repeats=args.repeats, warmup=3)
         rows.append({
             "batch": batch, "kv_heads": kv_heads, "seq_len": seq_len, "warps": warps,
             "keys_per_step": keys, "max_rows": max_rows, "splits": splits,

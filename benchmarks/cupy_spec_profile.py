@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from refattn.bench import cuda_event_seconds
+
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, int]:
     """Median seconds of ``fn`` over ``repeats`` calls after one warm-up, and the
     bytes one call allocates from CuPy's memory pool."""
-    import cupy
     from cupy.cuda import memory_hook
 
     class Allocations(memory_hook.MemoryHook):
@@ -43,16 +43,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, int]:
     hook = Allocations()
     with hook:
         fn()
-    cupy.cuda.Device().synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return statistics.median(times), hook.bytes
+    return cuda_event_seconds(fn, repeats=repeats, warmup=0), hook.bytes
 
 
 def profile(

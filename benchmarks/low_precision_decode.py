@@ -17,8 +17,6 @@ query, S keys):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -27,18 +25,14 @@ import ml_dtypes
 import numpy as np
 
 from refattn import attention, attention_blockwise
+from refattn.bench import time_calls
 
 B, HQ, HKV, D = 1, 32, 8, 128
 
 
 def median_ms(step: Callable[[], Any], repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``repeats`` calls after one warm-up, by ``time_calls``."""
+    return time_calls(step, lambda: None, repeats=repeats, warmup=1)[0] * 1e3
 
 
 def peak_mb(step: Callable[[], Any]) -> float:

@@ -14,8 +14,6 @@ in the same process.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,17 +22,13 @@ import numpy as np
 
 import refattn
 from refattn.attention import prepare, scores, weighted_sum
+from refattn.bench import time_calls
 from refattn.softmax import masked_softmax
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``repeats`` calls after one warm-up, by ``time_calls``."""
+    return time_calls(fn, lambda: None, repeats=repeats, warmup=1)[0] * 1e3
 
 
 def stages(seq_len: int, batch: int, q_heads: int, kv_heads: int, head_dim: int) -> dict:

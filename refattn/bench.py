@@ -581,6 +581,29 @@ def torch_matmul(q: Any, k: Any, v: Any, *, causal: bool) -> Callable[[], Any]:
     return step
 
 
+def cuda_event_seconds(step: Callable[[], Any], *, repeats: int, warmup: int) -> float:
+    """Median GPU seconds of ``repeats`` calls of ``step`` after ``warmup`` untimed ones,
+    each between two CUDA events on CuPy's current stream.
+
+    Unlike :func:`time_calls` this leaves out the host's launch time when the
+    GPU is busy, and counts it when the GPU waits for the host. The GPU
+    profiles in ``benchmarks/`` use it.
+    """
+    import cupy
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)  # ms -> s
+    return statistics.median(times)
+
+
 def time_calls(
     step: Callable[[], Any], synchronize: Callable[[], None], *, repeats: int, warmup: int
 ) -> tuple[float, float]:
