@@ -141,3 +141,18 @@ def test_bench_rejects_a_bad_grid_before_timing_anything(
         main(["bench", *flags])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_fused_cupy_kernel_is_planned_for_cupy_decode_rows_only() -> None:
+    from refattn.backends import get
+    from refattn.bench import FUSED, SPEC_PATHS, Grid, Target, plan
+
+    shapes = Grid(seq_lens=(16,), prefill_seq_lens=(8,), dtypes=("float16",)).shapes()
+    targets = [Target(get("cupy"), "cuda:0"), Target(get("numpy"), "cpu")]
+    jobs, _ = plan(shapes, targets)
+    fused = [(j.shape.mode, j.backend) for j in jobs if j.implementation == FUSED]
+    assert fused == [("decode", "cupy")]
+    for backend in ("cupy", "numpy"):
+        for mode in ("decode", "prefill"):
+            paths = {j.implementation for j in jobs if (j.backend, j.shape.mode) == (backend, mode)}
+            assert set(SPEC_PATHS) <= paths
