@@ -7,13 +7,18 @@ library is half-installed. Only testing, benchmarks and the CLI use this
 module; the spec itself finds its namespace from its inputs.
 
 ``REFATTN_BACKENDS=numpy,torch`` narrows the backends that :func:`selected`
-and :func:`cases` return.
+and :func:`cases` return when they are not given names. :func:`to_numpy` is
+the one way any library's array comes back to NumPy: through the adapter of
+the library the array belongs to.
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from refattn.backends.base import Backend
 from refattn.backends.cupy import CupyBackend
@@ -25,7 +30,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (NumpyBackend(), StrictBackend(), TorchBackend(), CupyBackend())
 }
 
-__all__ = ["BACKENDS", "Backend", "Case", "cases", "get", "selected"]
+__all__ = ["BACKENDS", "Backend", "Case", "backend_of", "cases", "get", "selected", "to_numpy"]
 
 
 class Case(NamedTuple):
@@ -47,20 +52,42 @@ def get(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}; got {name!r}") from None
 
 
-def selected() -> list[Backend]:
-    """The backends named by ``REFATTN_BACKENDS`` (all when unset), available or not."""
-    names = os.environ.get("REFATTN_BACKENDS", "").strip()
-    if not names:
-        return list(BACKENDS.values())
-    return [get(n.strip()) for n in names.split(",") if n.strip()]
+def selected(names: Iterable[str] | None = None) -> list[Backend]:
+    """The backends ``names`` (default: ``REFATTN_BACKENDS``, or all when it is unset),
+    available or not.
+
+    >>> [b.name for b in selected(["numpy", "torch"])]
+    ['numpy', 'torch']
+    """
+    if names is None:
+        names = os.environ.get("REFATTN_BACKENDS", "").split(",")
+    chosen = [get(n.strip()) for n in names if n.strip()]
+    return chosen or list(BACKENDS.values())
 
 
-def cases() -> list[Case]:
+def cases(names: Iterable[str] | None = None) -> list[Case]:
     """Every (backend, device, dtype) the selected, available backends can run."""
     return [
         Case(b, device, dtype)
-        for b in selected()
+        for b in selected(names)
         if b.available()
         for device in b.devices()
         for dtype in b.dtypes(device)
     ]
+
+
+def backend_of(x: Any) -> Backend | None:
+    """The adapter of the library ``x`` belongs to, or None for a library refattn has none for."""
+    library = type(x).__module__.split(".")[0]
+    return next((b for b in BACKENDS.values() if b.module == library), None)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Any library's array as a NumPy array, through its adapter (bfloat16 comes back as
+    float32, exactly); an array of another library goes through ``numpy.asarray``.
+
+    >>> to_numpy([1.5, 2.0])
+    array([1.5, 2. ])
+    """
+    backend = backend_of(x)
+    return np.asarray(x) if backend is None else backend.to_numpy(x)
