@@ -8,38 +8,16 @@ from typing import Any
 
 from array_api_compat import device
 
-from refattn.checks import (
-    check_devices,
-    check_flags,
-    check_modifiers,
-    check_positions,
-    check_qkv,
-    check_scalars,
-)
+from refattn.checks import ARRAY_OPTIONS, check_call
 from refattn.namespace import Array, Namespace, compute_dtype, namespace_of
+from refattn.options import AttentionOptions, takes_options
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
 from refattn.scores import alibi_bias, group_heads, scaled_scores, softcap_scores
 from refattn.softmax import masked_softmax
 
 
-def attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    causal: bool = False,
-    q_pos: Array | None = None,
-    k_pos: Array | None = None,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    scale: float | None = None,
-    window: int | None = None,
-    sink_tokens: int = 0,
-    softcap: float | None = None,
-    alibi_slopes: Array | None = None,
-    sink_logits: Array | None = None,
-    return_lse: bool = False,
-) -> Array | tuple[Array, Array]:
+@takes_options
+def attention(q: Array, k: Array, v: Array, **options: Any) -> Array | tuple[Array, Array]:
     r"""Attention of queries ``q`` over keys ``k`` and values ``v``.
 
     For query :math:`i` of head :math:`h` (reading KV head :math:`h // G`,
@@ -124,11 +102,7 @@ def attention(
     >>> float(out[0, 0, 0, 0]), float(np.exp(lse[0, 0, 0]))
     (1.5, 2.0)
     """
-    call = prepare(
-        q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, scale=scale,
-        window=window, sink_tokens=sink_tokens, softcap=softcap, alibi_slopes=alibi_slopes,
-        sink_logits=sink_logits, return_lse=return_lse,
-    )  # fmt: skip
+    call = prepare(q, k, v, AttentionOptions.of("attention", options))
     xp = call.xp
     s, visible = scores(call, slice(None), slice(None))  # (B, Hkv, G, Sq, Sk) each
     p, lse = masked_softmax(xp, s, visible, call.sink)  # (B, Hkv, G, Sq, Sk), (B, Hkv, G, Sq)
@@ -182,62 +156,38 @@ class Call:
         return out
 
 
-def prepare(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    causal: bool,
-    q_pos: Array | None,
-    k_pos: Array | None,
-    mask: Array | None,
-    bias: Array | None,
-    scale: float | None,
-    window: int | None,
-    sink_tokens: int,
-    softcap: float | None,
-    alibi_slopes: Array | None,
-    sink_logits: Array | None,
-    return_lse: bool,
-) -> Call:
-    """Check every argument, fill in default positions and cast to the compute dtype."""
-    arrays = {
-        "q": q, "k": k, "v": v, "q_pos": q_pos, "k_pos": k_pos, "mask": mask, "bias": bias,
-        "alibi_slopes": alibi_slopes, "sink_logits": sink_logits,
-    }  # fmt: skip
-    xp = namespace_of(**arrays)
-    check_qkv(xp, q, k, v)
-    check_devices(**arrays)
-    check_flags(causal=causal, return_lse=return_lse)
-    check_scalars(scale, window, softcap, sink_tokens)
+def prepare(q: Array, k: Array, v: Array, options: AttentionOptions) -> Call:
+    """Check every array, fill in default positions and cast to the compute dtype."""
+    arrays = {name: getattr(options, name) for name in ARRAY_OPTIONS}
+    xp = namespace_of(q=q, k=k, v=v, **arrays)
+    check_call(xp, q, k, v, options)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, _ = v.shape
     G = Hq // Hkv
     on = device(q)
-    check_modifiers(xp, (B, Hq, Sq, Sk), mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-                    sinks=sink_logits)  # fmt: skip
     dtype = compute_dtype(xp, q.dtype)
+    o = options
     return Call(
         xp=xp,
         q=_cast(xp, q, dtype),
         k=k,
         v=v,
-        q_pos=_positions(xp, "q_pos", q_pos, B, Sq, default_query_positions(xp, Sq, Sk, device=on)),
-        k_pos=_positions(xp, "k_pos", k_pos, B, Sk, default_key_positions(xp, Sk, device=on)),
-        mask=None if mask is None else group_heads(xp, mask, Hkv),
-        bias=None if bias is None else group_heads(xp, _cast(xp, bias, dtype), Hkv),
+        q_pos=_positions(xp, o.q_pos, default_query_positions(xp, Sq, Sk, device=on)),
+        k_pos=_positions(xp, o.k_pos, default_key_positions(xp, Sk, device=on)),
+        mask=None if o.mask is None else group_heads(xp, o.mask, Hkv),
+        bias=None if o.bias is None else group_heads(xp, _cast(xp, o.bias, dtype), Hkv),
         slopes=None
-        if alibi_slopes is None
-        else xp.reshape(_cast(xp, alibi_slopes, dtype), (-1, Hkv, G)),
+        if o.alibi_slopes is None
+        else xp.reshape(_cast(xp, o.alibi_slopes, dtype), (-1, Hkv, G)),
         sink=None
-        if sink_logits is None
-        else xp.reshape(_cast(xp, sink_logits, dtype), (1, Hkv, G, 1, 1)),
-        scale=1.0 / math.sqrt(D) if scale is None else float(scale),
-        causal=causal,
-        window=window,
-        sink_tokens=sink_tokens,
-        softcap=softcap,
-        return_lse=return_lse,
+        if o.sink_logits is None
+        else xp.reshape(_cast(xp, o.sink_logits, dtype), (1, Hkv, G, 1, 1)),
+        scale=1.0 / math.sqrt(D) if o.scale is None else float(o.scale),
+        causal=o.causal,
+        window=o.window,
+        sink_tokens=o.sink_tokens,
+        softcap=o.softcap,
+        return_lse=o.return_lse,
         out_dtype=q.dtype,
         dtype=dtype,
     )
@@ -288,12 +238,10 @@ def _block(x: Array, queries: slice, keys: slice) -> Array:
     return x[:, :, :, rows, cols]
 
 
-def _positions(
-    xp: Namespace, name: str, pos: Array | None, batch: int, length: int, default: Array
-) -> Array:
+def _positions(xp: Namespace, pos: Array | None, default: Array) -> Array:
+    """Checked positions as (B or 1, S) int64, or the default."""
     if pos is None:
         return default
-    check_positions(xp, name, pos, batch, length)
     # int64, so that differences of unsigned or narrow positions cannot wrap around.
     return xp.astype(as_rows(xp, pos), xp.int64)
 

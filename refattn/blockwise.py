@@ -24,6 +24,7 @@ attends to each separately and merges the partial states with
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from array_api_compat import device
@@ -31,17 +32,13 @@ from array_api_compat import device
 from refattn.attention import Call, block_visibility, prepare, scores, weighted_sum
 from refattn.merge import merge_states_n
 from refattn.namespace import Array, Namespace
-from refattn.softmax import masked_softmax
+from refattn.options import AttentionOptions, check_integer, takes_options
+from refattn.softmax import row_shift
 
 
+@takes_options
 def attention_blockwise(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    block_q: int = 64,
-    block_k: int = 64,
-    **options: Any,
+    q: Array, k: Array, v: Array, *, block_q: int = 64, block_k: int = 64, **options: Any
 ) -> Array | tuple[Array, Array]:
     """:func:`refattn.attention`, computed block by block with an online softmax.
 
@@ -50,7 +47,7 @@ def attention_blockwise(
     q, k, v : as for :func:`refattn.attention`
     block_q, block_k : block sizes along the queries and the keys; they need not
         divide Sq or Sk (the last block is shorter)
-    **options : every keyword of :func:`refattn.attention`
+    **options : every option of :func:`refattn.attention` (:class:`~refattn.options.AttentionOptions`)
 
     Examples
     --------
@@ -63,23 +60,18 @@ def attention_blockwise(
     >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
     True
     """
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
-    call = prepare(q, k, v, **_with_defaults(options))
+    check_integer("block_q", block_q, minimum=1)
+    check_integer("block_k", block_k, minimum=1)
+    call = prepare(q, k, v, AttentionOptions.of("attention_blockwise", options))
     xp = call.xp
     Sq, Sk = call.q.shape[2], call.k.shape[2]
-    outs, lses = [], []
-    for q0 in range(0, Sq, block_q):
-        queries = slice(q0, min(q0 + block_q, Sq))
-        out, lse = _online_softmax(call, queries, [slice(k0, min(k0 + block_k, Sk))
-                                                  for k0 in range(0, Sk, block_k)])  # fmt: skip
-        outs.append(out)
-        lses.append(lse)
-    if not outs:  # Sq = 0
-        s, visible = scores(call, slice(None), slice(None))
-        p, lse = masked_softmax(xp, s, visible, call.sink)
-        return call.finish(weighted_sum(xp, p, call.values(slice(None)), visible), lse)
-    return call.finish(xp.concat(outs, axis=3), xp.concat(lses, axis=3))
+    key_blocks = [slice(k0, min(k0 + block_k, Sk)) for k0 in range(0, Sk, block_k)]
+    query_blocks = [slice(q0, min(q0 + block_q, Sq)) for q0 in range(0, Sq, block_q)]
+    states = [
+        _online_softmax(call, queries, key_blocks) for queries in query_blocks or [slice(0, 0)]
+    ]
+    return call.finish(xp.concat([o for o, _ in states], axis=3),
+                       xp.concat([s for _, s in states], axis=3))  # fmt: skip
 
 
 def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple[Array, Array]:
@@ -99,7 +91,7 @@ def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tupl
         if not bool(xp.all(visible)):  # a block below the diagonal needs no masking
             s = xp.where(visible, s, neg_inf)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
-        shift = _finite_or_zero(xp, m_new)  # rows still empty shift by 0
+        shift = row_shift(xp, m_new)  # rows still empty shift by 0
         rescale = xp.exp(m - shift)  # e^(m - m'), 0 while the row was empty
         p = xp.exp(s - shift)  # (B, Hkv, G, bq, bk)
         denom = rescale * denom + xp.sum(p, axis=-1, keepdims=True)
@@ -108,17 +100,18 @@ def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tupl
         m = m_new
     if call.sink is not None:  # the sink joins the denominator once
         m_new = xp.maximum(m, call.sink)
-        shift = _finite_or_zero(xp, m_new)
+        shift = row_shift(xp, m_new)
         rescale = xp.exp(m - shift)
         denom = rescale * denom + xp.exp(call.sink - shift)
         acc = rescale * acc
         m = m_new
     empty = denom == 0
     l_safe = xp.where(empty, xp.ones_like(denom), denom)
-    lse = xp.where(empty, neg_inf, _finite_or_zero(xp, m) + xp.log(l_safe))
+    lse = xp.where(empty, neg_inf, row_shift(xp, m) + xp.log(l_safe))
     return acc / l_safe, lse[..., 0]
 
 
+@takes_options
 def attention_split_kv(
     q: Array, k: Array, v: Array, *, num_splits: int, **options: Any
 ) -> Array | tuple[Array, Array]:
@@ -137,19 +130,16 @@ def attention_split_kv(
     >>> bool(np.allclose(out, attention(q, k, v, causal=True)))
     True
     """
-    _check_block("num_splits", num_splits)
-    call = prepare(q, k, v, **_with_defaults(options))
+    check_integer("num_splits", num_splits, minimum=1)
+    call = prepare(q, k, v, AttentionOptions.of("attention_split_kv", options))
     Sk = call.k.shape[2]
     size = -(-Sk // num_splits) if Sk else 1
-    parts = [slice(k0, min(k0 + size, Sk)) for k0 in range(0, Sk, size)]
-    xp, sink = call.xp, call.sink
-    call.sink = None
-    states = [_online_softmax(call, slice(None), [part]) for part in parts]
-    if not states:
-        states = [_online_softmax(call, slice(None), [])]
+    parts = [slice(k0, min(k0 + size, Sk)) for k0 in range(0, Sk, size)] or [slice(0, 0)]
+    sinkless = replace(call, sink=None)  # each part without the sink; it joins once, after
+    states = [_online_softmax(sinkless, slice(None), [part]) for part in parts]
     out, lse = merge_states_n([o for o, _ in states], [s for _, s in states])
-    if sink is not None:
-        out, lse = _add_sink(xp, out, lse, sink[..., 0])
+    if call.sink is not None:
+        out, lse = _add_sink(call.xp, out, lse, call.sink[..., 0])
     return call.finish(out, lse)
 
 
@@ -158,28 +148,3 @@ def _add_sink(xp: Namespace, out: Array, lse: Array, sink: Array) -> tuple[Array
     empty = xp.zeros_like(out)
     sink_lse = xp.broadcast_to(sink, lse.shape)
     return merge_states_n([out, empty], [lse, sink_lse])
-
-
-def _finite_or_zero(xp: Namespace, m: Array) -> Array:
-    return xp.where(xp.isinf(m), xp.zeros_like(m), m)
-
-
-def _check_block(name: str, n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {n!r}")
-
-
-_DEFAULTS = {
-    "causal": False, "q_pos": None, "k_pos": None, "mask": None, "bias": None, "scale": None,
-    "window": None, "sink_tokens": 0, "softcap": None, "alibi_slopes": None,
-    "sink_logits": None, "return_lse": False,
-}  # fmt: skip
-
-
-def _with_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword arguments {sorted(unknown)}; expected {sorted(_DEFAULTS)}"
-        )
-    return {**_DEFAULTS, **options}

@@ -7,13 +7,33 @@ matrix product.
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING
 
 from array_api_compat import device
 
 from refattn.namespace import Array, Namespace, is_floating
+
+if TYPE_CHECKING:
+    from refattn.options import AttentionOptions
+
+
+def check_call(xp: Namespace, q: Array, k: Array, v: Array, options: AttentionOptions) -> None:
+    """Every array of one attention call, in one pass: q, k, v, their devices, the
+    positions and the optional arrays. (The record checked its scalars itself.)"""
+    check_qkv(xp, q, k, v)
+    arrays = {name: getattr(options, name) for name in ARRAY_OPTIONS}
+    check_devices(q=q, k=k, v=v, **arrays)
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    for name, length in (("q_pos", Sq), ("k_pos", Sk)):
+        if arrays[name] is not None:
+            check_positions(xp, name, arrays[name], B, length)
+    check_modifiers(xp, (B, Hq, Sq, Sk), mask=options.mask, bias=options.bias,
+                    alibi_slopes=options.alibi_slopes, sink_logits=options.sink_logits)  # fmt: skip
+
+
+#: The options of attention that are arrays, in the order they are checked.
+ARRAY_OPTIONS = ("q_pos", "k_pos", "mask", "bias", "alibi_slopes", "sink_logits")
 
 
 def check_qkv(xp: Namespace, q: Array, k: Array, v: Array) -> None:
@@ -92,7 +112,7 @@ def check_modifiers(
     mask: Array | None,
     bias: Array | None,
     alibi_slopes: Array | None,
-    sinks: Array | None,
+    sink_logits: Array | None,
 ) -> None:
     """The optional arrays of ``attention``, checked against (B, Hq, Sq, Sk)."""
     B, Hq, _, _ = shape
@@ -102,8 +122,8 @@ def check_modifiers(
         check_bias(xp, bias, shape)
     if alibi_slopes is not None:
         check_per_head(xp, "alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))
-    if sinks is not None:
-        check_per_head(xp, "sink_logits", sinks, ((Hq,),))
+    if sink_logits is not None:
+        check_per_head(xp, "sink_logits", sink_logits, ((Hq,),))
 
 
 def check_mask(xp: Namespace, mask: Array, target: tuple[int, ...]) -> None:
@@ -136,29 +156,3 @@ def check_devices(**arrays: Array | None) -> None:
             raise ValueError(
                 f"{name} is on device {device(x)} but {first} is on {where}; move it to {first}'s"
             )
-
-
-def check_flags(**flags: Any) -> None:
-    for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False; got {flag!r}")
-
-
-def check_scalars(scale: Any, window: Any, softcap: Any, sink_tokens: Any = 0) -> None:
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite; got {scale}")
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, Integral):
-            raise TypeError(f"window must be an integer >= 1 or None; got {window!r}")
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1 (the query itself counts); got {window}")
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, Integral) or sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be an integer >= 0; got {sink_tokens!r}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, Real):
-            raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
-        if not (float(softcap) > 0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap must be finite and > 0; got {softcap}")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from array_api_compat import device
 
 from refattn.namespace import Array, namespace_of
+from refattn.softmax import row_shift
 
 
 def merge_states(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array) -> tuple[Array, Array]:
@@ -73,7 +74,7 @@ def merge_states_n(outs: Sequence[Array], lses: Sequence[Array]) -> tuple[Array,
     m = lses[0]
     for s in lses[1:]:
         m = xp.maximum(m, s)  # (...)
-    m = xp.where(m == neg_inf, zero, m)  # every part empty: shift by 0, keep exp(-inf) = 0
+    m = row_shift(xp, m)  # every part empty: shift by 0
     total = xp.zeros_like(m)
     acc = xp.zeros(outs[0].shape, dtype=dtype, device=device(lses[0]))  # (..., Dv)
     for o, s in zip(outs, lses, strict=True):

@@ -61,12 +61,37 @@ def _library(x: Array) -> str:
     return type(x).__module__.split(".")[0]
 
 
+#: The input dtypes computed in float32.
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """A dtype's plain name, whatever the library: ``float16``, ``bfloat16``, ``int64``...
+
+    >>> import numpy as np
+    >>> dtype_name(np.dtype("float16")), dtype_name("float32")
+    ('float16', 'float32')
+    """
+    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None)  # NumPy, its types
+    return name if isinstance(name, str) else str(dtype).rpartition(".")[2]  # torch.float16
+
+
+def compute_dtype_name(name: str) -> str:
+    """The precision policy, by name: the dtype the spec computes in for inputs of ``name``.
+
+    >>> compute_dtype_name("bfloat16"), compute_dtype_name("float64")
+    ('float32', 'float64')
+    """
+    return "float32" if name in LOW_PRECISION else name
+
+
 def is_low_precision(xp: Namespace, dtype: Any) -> bool:
     """True for float16 and bfloat16 (NumPy's bfloat16 comes from ml_dtypes).
 
-    array-api-strict has no float16, so the name is looked up, not assumed.
+    array-api-strict has no float16, so the dtype's name is compared, not an
+    attribute of ``xp`` that may not exist.
     """
-    return dtype == getattr(xp, "float16", None) or "bfloat16" in str(dtype)
+    return dtype_name(dtype) in LOW_PRECISION
 
 
 def is_floating(xp: Namespace, dtype: Any) -> bool:
@@ -75,7 +100,7 @@ def is_floating(xp: Namespace, dtype: Any) -> bool:
 
 
 def compute_dtype(xp: Namespace, dtype: Any) -> Any:
-    """The dtype the spec computes in for inputs of ``dtype``.
+    """The dtype the spec computes in for inputs of ``dtype`` (:func:`compute_dtype_name`).
 
     >>> import array_api_compat.numpy as xp
     >>> compute_dtype(xp, xp.float16) == xp.float32, compute_dtype(xp, xp.float64) == xp.float64

@@ -58,8 +58,7 @@ def masked_softmax(
     m = _row_max(xp, s)  # (..., 1)
     if sink is not None:
         m = xp.maximum(m, sink)
-    # Empty rows have m = -inf; shifting by 0 instead keeps exp(-inf) = 0, not NaN.
-    m = xp.where(m == neg_inf, xp.zeros_like(m), m)  # (..., 1)
+    m = row_shift(xp, m)  # (..., 1)
     e = xp.exp(s - m)  # (..., Sk)
     z = xp.sum(e, axis=-1, keepdims=True)  # (..., 1)
     if sink is not None:
@@ -69,6 +68,23 @@ def masked_softmax(
     p = e / z_safe  # (..., Sk)
     lse = xp.where(empty, neg_inf, m + xp.log(z_safe))  # (..., 1)
     return p, lse[..., 0]
+
+
+def row_shift(xp: Namespace, m: Array) -> Array:
+    """What a row's exponents are shifted by: its maximum, or 0 for an empty row.
+
+    A row that sees no key has maximum :math:`-\\infty`; shifting by it would
+    give :math:`e^{-\\infty - (-\\infty)} = e^{\\text{NaN}}`. Shifting by 0 keeps
+    every :math:`e^{-\\infty} = 0`, so the row's denominator is 0 and it is
+    recognised as empty. The softmax, the merge of states and the blockwise
+    recurrence all shift this way.
+
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> row_shift(xp, np.array([2.0, -np.inf]))
+    array([2., 0.])
+    """
+    return xp.where(m == -xp.inf, xp.zeros_like(m), m)
 
 
 def _row_max(xp: Namespace, s: Array) -> Array:

@@ -6,9 +6,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
-from refattn import attention
+from refattn import attention, attention_blockwise, attention_split_kv
 
 B, HQ, HKV, SQ, SK, D = 2, 4, 2, 3, 5, 8
 
@@ -73,11 +72,13 @@ def test_mixed_dtypes_are_refused(qkv):
 
 
 def test_arrays_from_two_libraries_are_refused(qkv):
+    import array_api_strict as xs
+
     q, k, v = qkv
-    with _raises(TypeError, "k is a torch array but q is a numpy array"):
-        attention(q, torch.asarray(k), v)
-    with _raises(TypeError, "k_pos is a torch array but q is a numpy array"):
-        attention(q, k, v, k_pos=torch.arange(SK))
+    with _raises(TypeError, "k is a array_api_strict array but q is a numpy array"):
+        attention(q, xs.asarray(k), v)
+    with _raises(TypeError, "k_pos is a array_api_strict array but q is a numpy array"):
+        attention(q, k, v, k_pos=xs.arange(SK))
     with _raises(TypeError, "v must be an array", "got list"):
         attention(q, k, v.tolist())
 
@@ -98,15 +99,42 @@ def test_window_must_be_at_least_one(qkv, window):
         attention(*qkv, window=window)
 
 
-@pytest.mark.parametrize("sink_tokens", [-1, 1.5, True])
-def test_sink_tokens_must_be_a_non_negative_integer(qkv, sink_tokens):
-    with _raises(ValueError, f"sink_tokens must be an integer >= 0; got {sink_tokens!r}"):
+def test_sink_tokens_must_be_non_negative(qkv):
+    with _raises(ValueError, "sink_tokens must be >= 0; got -1"):
+        attention(*qkv, sink_tokens=-1)
+
+
+@pytest.mark.parametrize("sink_tokens", [1.5, True, "2"])
+def test_sink_tokens_must_be_an_integer_like_its_siblings(qkv, sink_tokens):
+    """A wrong type is a TypeError, as for window, scale and softcap; a wrong value a ValueError."""
+    with _raises(TypeError, f"sink_tokens must be an integer >= 0; got {sink_tokens!r}"):
         attention(*qkv, sink_tokens=sink_tokens)
 
 
 def test_window_must_be_an_integer(qkv):
-    with _raises(TypeError, "window must be an integer >= 1 or None; got 2.5"):
-        attention(*qkv, window=2.5)  # type: ignore[arg-type]
+    with _raises(TypeError, "window must be an integer >= 1; got 2.5"):
+        attention(*qkv, window=2.5)
+
+
+@pytest.mark.parametrize("function", [attention, attention_blockwise, attention_split_kv])
+def test_an_unknown_option_is_named_with_the_options_there_are(qkv, function):
+    extra = {"num_splits": 2} if function is attention_split_kv else {}
+    with _raises(TypeError, f"{function.__name__}() got unexpected keyword arguments ['casual']",
+                 "its options are ['causal', 'q_pos'"):  # fmt: skip
+        function(*qkv, casual=True, **extra)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_block_sizes_and_splits_must_be_at_least_one(qkv, size):
+    with _raises(ValueError, f"block_k must be >= 1; got {size}"):
+        attention_blockwise(*qkv, block_k=size)
+    with _raises(ValueError, f"num_splits must be >= 1; got {size}"):
+        attention_split_kv(*qkv, num_splits=size)
+
+
+def test_block_sizes_must_be_integers(qkv):
+    with _raises(TypeError, "block_q must be an integer >= 1; got 2.5"):
+        attention_blockwise(*qkv, block_q=2.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), float("nan")])
