@@ -161,7 +161,7 @@ def prepare(q: Array, k: Array, v: Array, options: AttentionOptions) -> Call:
     arrays = {name: getattr(options, name) for name in ARRAY_OPTIONS}
     xp = namespace_of(q=q, k=k, v=v, **arrays)
     check_call(xp, q, k, v, options)
-    B, Hq, Sq, D = q.shape
+    _, Hq, Sq, D = q.shape
     _, Hkv, Sk, _ = v.shape
     G = Hq // Hkv
     on = device(q)

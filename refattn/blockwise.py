@@ -47,7 +47,8 @@ def attention_blockwise(
     q, k, v : as for :func:`refattn.attention`
     block_q, block_k : block sizes along the queries and the keys; they need not
         divide Sq or Sk (the last block is shorter)
-    **options : every option of :func:`refattn.attention` (:class:`~refattn.options.AttentionOptions`)
+    **options : every option of :func:`refattn.attention`
+        (:class:`~refattn.options.AttentionOptions`)
 
     Examples
     --------

@@ -82,7 +82,7 @@ def check_real(name: str, x: Any, *, positive: bool) -> None:
     kind = "a positive" if positive else "a finite"
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be {kind} real number or None; got {x!r}")
-    if not math.isfinite(x) or (positive and not x > 0):
+    if not math.isfinite(x) or (positive and not float(x) > 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}; got {x}")
 
 
