@@ -1,7 +1,7 @@
 """How quickly the verifier catches each deliberately wrong kernel and cache.
 
-Runs ``check_attention`` on every wrong kernel of ``refattn.tests.wrong_attention``
-and ``check_cache`` on every wrong cache of ``refattn.tests.wrong_caches``,
+Runs ``check_attention`` on every wrong kernel of ``refattn.testing.known_bugs.attention``
+and ``check_cache`` on every wrong cache of ``refattn.testing.known_bugs.caches``,
 once per seed, with the default number of examples, and prints for each the
 number of seeds on which it was caught and the median and largest number of
 problems drawn up to the first failure. Correct kernels and caches run on the
@@ -21,8 +21,9 @@ from functools import partial
 from typing import Any
 
 from refattn.testing import Report, check_attention, check_cache
-from refattn.tests.wrong_attention import CORRECT, WRONG
-from refattn.tests.wrong_caches import CORRECT_CACHES, WRONG_CACHES
+from refattn.testing.known_bugs import CORRECT_CACHES, WRONG_CACHES
+from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
+from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
 
 
 def catch_row(name: str, check: Callable[[int], Report], seeds: range) -> str:

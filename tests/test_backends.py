@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import array_api_compat
 import numpy as np
 import pytest
@@ -21,10 +23,10 @@ def test_refattn_backends_narrows_the_selection(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_unselected_and_missing_backends_become_skipped_ids(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    from refattn.tests.conftest import _case_params
-
+    plugins = request.config.pluginmanager.get_plugins()
+    _case_params = next(p for p in plugins if hasattr(p, "_case_params"))._case_params
     monkeypatch.setenv("REFATTN_BACKENDS", "numpy")
     params = _case_params()
     ids = [p.id for p in params]
@@ -37,8 +39,13 @@ def test_cupy_without_a_gpu_is_unavailable_with_a_reason() -> None:
     cupy = get("cupy")
     if cupy.available():
         pytest.skip("a GPU is usable here")
-    assert isinstance(cupy.unavailable_reason(), str)
+    reason = cupy.unavailable_reason() or ""
+    if importlib.util.find_spec("cupy") is None:
+        assert reason == "cupy is not installed"
+    else:  # installed: imports without a GPU, and must not be trusted for that
+        assert "no CUDA device is usable" in reason or "cannot reach a GPU" in reason, reason
     assert "cupy" not in {c.backend.name for c in cases()}
+    assert "cupy" not in {c.backend.name for c in cases(["numpy", "cupy"])}
 
 
 def test_every_backend_receives_identically_rounded_inputs(case: Case) -> None:

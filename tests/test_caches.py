@@ -26,12 +26,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from refattn import attention
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends.base import round_to
 from refattn.caches import KINDS, KVCache, PagedCache, QuantizedCache, StaticCache
-from refattn.testing.decoding import attend_step, make_cache, window_options
+from refattn.testing.decoding import cache_on, decode
+from refattn.testing.drawing import draw_steps
+from refattn.testing.oracle import oracle_attention
+from refattn.testing.selfcheck.agreement import measure_cache
+from refattn.testing.strategies import HypothesisDraws
 from refattn.testing.tolerance import max_abs_error, quantized_error_bound, spec_error_bound
-from refattn.tests.oracle import oracle_attention
 
 CAPACITY = 24
 MACHINE_SETTINGS = settings(stateful_step_count=10)  # examples: the profile's (200 by default)
@@ -45,6 +49,16 @@ CACHE_CASES = [
     ("torch", "cpu", "float32"),
     ("torch", "cpu", "bfloat16"),
 ]
+
+
+def attend_step(cache: KVCache, q_new: Any, k_new: Any, v_new: Any, n_new: list[int]) -> Any:
+    """One step as a model takes it: the new queries sit at ``lengths + i``; update; attend."""
+    xp = cache.xp
+    T = q_new.shape[2]
+    q_pos = cache.lengths[:, None] + xp.arange(T, dtype=xp.int64, device=cache.device)[None, :]
+    k, v, k_pos = cache.update(k_new, v_new, n_new)
+    return attention(q_new, k, v, causal=True, q_pos=q_pos, k_pos=k_pos,
+                     **cache.attention_options)  # fmt: skip
 
 
 def _cache_case_params() -> list[Any]:
@@ -122,11 +136,13 @@ class CacheMachine(RuleBasedStateMachine):
               sink_tokens: int, block_size: int, seed: int) -> None:  # fmt: skip
         self.B, self.Hkv, self.Hq, self.D = batch, kv_heads, kv_heads * group, head_dim
         self.rng = np.random.default_rng(seed)
-        self.cache = make_cache(
-            self.kind, self.case, batch=batch, kv_heads=kv_heads, head_dim=head_dim,
-            capacity=CAPACITY, window=window, sink_tokens=sink_tokens, block_size=block_size,
-            block_order=list(self.rng.permutation(batch * -(-CAPACITY // block_size))),
-        )  # fmt: skip
+        own = {  # each kind's own parameters
+            "sliding": {"window": window, "sink_tokens": sink_tokens},
+            "paged": {"block_size": block_size, "block_order": list(
+                self.rng.permutation(batch * -(-CAPACITY // block_size)))},
+        }.get(self.kind, {})  # fmt: skip
+        self.cache = cache_on(self.kind, self.case, batch=batch, kv_heads=kv_heads,
+                              head_dim=head_dim, max_len=CAPACITY, **own)  # fmt: skip
         poison_storage(self.cache)
         self.keys: list[list[np.ndarray]] = [[] for _ in range(batch)]  # (Hkv, D) per token
         self.values: list[list[np.ndarray]] = [[] for _ in range(batch)]
@@ -171,7 +187,7 @@ class CacheMachine(RuleBasedStateMachine):
         k = np.stack(self.keys[b], axis=1)[None]  # (1, Hkv, L, D)
         v = np.stack(self.values[b], axis=1)[None]
         L, n = k.shape[2], q.shape[2]
-        options = window_options(self.cache)
+        options = self.cache.attention_options
         ref, _, weights = oracle_attention(
             q, k, v, causal=True, q_pos=np.arange(L - n, L), k_pos=np.arange(L), **options,
             return_weights=True,
@@ -235,27 +251,19 @@ def histories(draw: st.DrawFn, max_len: int = 16) -> tuple[dict[str, np.ndarray]
         "k": rng.standard_normal((batch, kv_heads, length, head_dim)),
         "v": rng.standard_normal((batch, kv_heads, length, head_dim)),
     }
-    left, steps = [length] * batch, []
-    while any(left):
-        T = draw(st.integers(1, max(left)))
-        n = [draw(st.integers(0, min(T, r))) for r in left]
-        if not any(n):  # every step moves some row on
-            first = next(b for b, r in enumerate(left) if r)
-            n[first] = min(T, left[first])
-        steps.append((T, n))
-        left = [r - m for r, m in zip(left, n, strict=True)]
+    steps = draw_steps(HypothesisDraws(draw), [length] * batch, max_chunk=max_len)
     return arrays, steps
 
 
 def _decode(
     kind: str, case: Case, arrays: dict[str, np.ndarray], steps: list, **kw: Any
 ) -> np.ndarray:
-    from refattn.testing.decoding import decode_schedule
-
     B, Hkv, S, D = arrays["k"].shape
-    cache = make_cache(kind, case, batch=B, kv_heads=Hkv, head_dim=D, capacity=S, **kw)
+    cache = cache_on(kind, case, batch=B, kv_heads=Hkv, head_dim=D, max_len=S, **kw)
     poison_storage(cache)
-    return decode_schedule(cache, case, arrays, steps)
+    decoded = decode(cache, case, arrays, steps)
+    assert isinstance(decoded, np.ndarray), decoded
+    return decoded
 
 
 def _allowed(arrays: dict[str, np.ndarray], dtype: str) -> float:
@@ -316,7 +324,6 @@ def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
 ) -> None:
     """Keys are rotated at their absolute positions once, before they are cached."""
     from refattn import rope
-    from refattn.testing.decoding import decode_schedule
 
     arrays, steps = history
     arrays = {name: _rounded(x, cache_case.dtype) for name, x in arrays.items()}
@@ -326,13 +333,13 @@ def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
     def encode(name: str, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return rope(x, positions, theta=theta, style=style, rotary_dim=rotary_dim)
 
-    cache = make_cache(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, capacity=S)
-    decoded = decode_schedule(cache, cache_case, arrays, steps, encode=encode)
+    cache = cache_on(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, max_len=S)
+    decoded = decode(cache, cache_case, arrays, steps, encode=encode)
     # The same rotation of the whole sequence, rounded as the decoded chunks were.
     full = {n: _rounded(encode(n, arrays[n], np.arange(S)), cache_case.dtype) for n in "qk"}
     full["v"] = arrays["v"]
     ref, _, weights = oracle_attention(
-        **full, causal=True, **window_options(cache), return_weights=True
+        **full, causal=True, **cache.attention_options, return_weights=True
     )
     allowed = spec_error_bound(full, dtype=cache_case.dtype, out=ref, weights=weights).out
     if isinstance(cache, QuantizedCache):
@@ -347,7 +354,6 @@ def test_alibi_through_the_cache_equals_alibi_on_the_full_sequence(
     kind: str, cache_case: Case, history
 ) -> None:
     from refattn import alibi_slopes
-    from refattn.testing.decoding import measure_cache
 
     arrays, steps = history
     arrays = {name: _rounded(x, cache_case.dtype) for name, x in arrays.items()}
@@ -355,7 +361,7 @@ def test_alibi_through_the_cache_equals_alibi_on_the_full_sequence(
     slopes = _rounded(
         np.asarray(alibi_slopes(arrays["q"].shape[1]), dtype=np.float64), cache_case.dtype
     )
-    cache = make_cache(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, capacity=S)
+    cache = cache_on(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, max_len=S)
     agreement = measure_cache(
         cache, cache_case, arrays, steps, oracle_attention, alibi_slopes=slopes
     )
@@ -367,7 +373,7 @@ def test_alibi_through_the_cache_equals_alibi_on_the_full_sequence(
 
 def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[Exception], str]]:
     """(k_new, v_new, n_new, error, message fragment): updates this cache must refuse."""
-    import torch
+    import array_api_strict as xs
 
     B, H, D = cache.batch, cache.kv_heads, cache.head_dim
 
@@ -375,7 +381,9 @@ def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[E
         return case.backend.asarray(np.ones((B, heads, T, dim)), dtype=dtype, device=case.device)
 
     other_dtype = "float64" if case.dtype != "float64" else "float32"
-    foreign = np.ones((B, H, 1, D)) if case.backend.name == "torch" else torch.ones((B, H, 1, D))
+    # an array of another library than the cache's (no torch needed for the NumPy cases)
+    ones = np.ones((B, H, 1, D))
+    foreign = xs.asarray(ones) if case.backend.name == "numpy" else ones
     bad: list[tuple[Any, Any, Any, type[Exception], str]] = [
         (new(1, heads=H + 1), new(1, heads=H + 1), None, ValueError, "k_new must have shape"),
         (new(1, dim=D + 1), new(1), None, ValueError, "k_new must have shape"),
@@ -401,14 +409,13 @@ def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[E
 
 @pytest.mark.parametrize("kind", [*KINDS, "cross"])
 def test_a_failed_update_leaves_the_cache_exactly_as_it_was(kind: str, cache_case: Case) -> None:
-    from refattn.testing.decoding import decode_schedule
-
     rng = np.random.default_rng(0)
     B, H, D = 2, 2, 4
-    cache = make_cache(kind, cache_case, batch=B, kv_heads=H, head_dim=D, capacity=CAPACITY)
+    own = {"sliding": {"window": 4}}.get(kind, {})
+    cache = cache_on(kind, cache_case, batch=B, kv_heads=H, head_dim=D, max_len=CAPACITY, **own)
     if kind != "cross":  # a cross-attention cache takes one input, so it is tested empty
         arrays = {n: _rounded(rng.standard_normal((B, H, 5, D)), cache_case.dtype) for n in "qkv"}
-        decode_schedule(cache, cache_case, arrays, [(3, [3, 1]), (2, [2, 2])])
+        decode(cache, cache_case, arrays, [(3, [3, 1]), (2, [2, 2])])
     for k_new, v_new, n_new, error, fragment in _bad_updates(cache, cache_case):
         before = snapshot(cache, cache_case)
         with pytest.raises(error, match=fragment):
@@ -494,7 +501,7 @@ def test_cross_attention_cache_stores_the_encoder_once_and_reuses_it(cache_case:
     rng = np.random.default_rng(0)
     B, H, S, D = 2, 2, 5, 4
     enc = {n: _rounded(rng.standard_normal((B, H, S, D)), cache_case.dtype) for n in "kv"}
-    cache = make_cache("cross", cache_case, batch=B, kv_heads=H, head_dim=D, capacity=S)
+    cache = cache_on("cross", cache_case, batch=B, kv_heads=H, head_dim=D, max_len=S)
     on = {"dtype": cache_case.dtype, "device": cache_case.device}
     k_enc, v_enc = (cache_case.backend.asarray(enc[n], **on) for n in "kv")
     k, v, _ = cache.update(k_enc, v_enc, n_new=[5, 3])

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import refattn.tests.oracle
 from refattn.cli import main
+from refattn.testing import oracle
 
 
 def test_verify_prints_a_passing_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,20 +26,20 @@ def test_verify_prints_a_passing_table(capsys: pytest.CaptureFixture[str]) -> No
     assert "blockwise = oracle" in printed and "split-KV = oracle" in printed
     for kind in ("static", "dynamic", "sliding", "paged", "quantized"):
         assert f"cache: {kind}" in printed
-    assert "torch: skipped (not in REFATTN_BACKENDS)" in printed
+    assert "torch: skipped (not selected)" in printed
     assert printed.rstrip().endswith("0 failed")
 
 
 def test_verify_exits_non_zero_when_a_case_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    honest = refattn.tests.oracle.oracle_attention
+    honest = oracle.oracle_attention
 
     def off_by_a_little(*args: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
         out, *rest = honest(*args, **kwargs)
         return (out + 1e-3, *rest)
 
-    monkeypatch.setattr(refattn.tests.oracle, "oracle_attention", off_by_a_little)
+    monkeypatch.setattr(oracle, "oracle_attention", off_by_a_little)
     code = main(
         ["verify", "--problems", "4", "--sequences", "2", "--histories", "2", "--backends", "numpy"]
     )
@@ -65,11 +65,11 @@ def test_verify_candidate_passes_a_correct_kernel(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "candidate.json"
-    argv = ["verify", "--candidate", "refattn.tests.wrong_attention:blockwise",
+    argv = ["verify", "--candidate", "refattn.testing.known_bugs.attention:blockwise",
             "--examples", "40", "--dtypes", "float32,float64", "--json", str(path)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "refattn.tests.wrong_attention:blockwise: passed" in printed
+    assert "refattn.testing.known_bugs.attention:blockwise: passed" in printed
     (report,) = json.loads(path.read_text())["reports"]
     assert report["passed"] and set(report["counts"]) == {"float32", "float64"}
     assert report["counts"]["float64"]["all"]["passed"] == 40
@@ -78,14 +78,18 @@ def test_verify_candidate_passes_a_correct_kernel(
 def test_verify_candidate_fails_a_wrong_kernel_and_prints_its_reproducer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["verify", "--candidate", "refattn.tests.wrong_attention:causal_excludes_diagonal"]
+    argv = [
+        "verify",
+        "--candidate",
+        "refattn.testing.known_bugs.attention:causal_excludes_diagonal",
+    ]
     assert main(argv) == 1
     printed = capsys.readouterr().out
-    assert "from refattn.tests.wrong_attention import causal_excludes_diagonal" in printed
+    assert "from refattn.testing.known_bugs.attention import causal_excludes_diagonal" in printed
     assert "spec = ProblemSpec(" in printed and "causal=True" in printed
     assert printed.rstrip().endswith("causal_excludes_diagonal: FAILED")
 
 
 def test_verify_candidate_that_does_not_exist_is_named() -> None:
     with pytest.raises(AttributeError, match="no_such_kernel"):
-        main(["verify", "--candidate", "refattn.tests.wrong_attention:no_such_kernel"])
+        main(["verify", "--candidate", "refattn.testing.known_bugs.attention:no_such_kernel"])

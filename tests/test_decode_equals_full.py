@@ -13,20 +13,23 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from refattn.backends import Case
-from refattn.testing.agreement import measure_decode, rounded_arrays, run_spec
+from refattn.testing.drawing import ALL_FEATURES
+from refattn.testing.oracle import oracle_attention
 from refattn.testing.problems import ProblemSpec, build_problem
+from refattn.testing.selfcheck.agreement import measure_decode
+from refattn.testing.strategies import attention_specs
 from refattn.testing.tolerance import max_abs_error
-from refattn.tests.oracle import oracle_attention
-from refattn.tests.strategies import problem_specs
+from refattn.testing.verdict import run_spec
 
 
 @st.composite
 def sequences(draw: st.DrawFn, max_len: int = 20) -> ProblemSpec:
     """A causal self-attention problem over one sequence, optionally left padded per row."""
-    spec = draw(problem_specs(max_len=max_len, layouts=("bottom_right", "left_padded")))
-    n = draw(st.integers(1, max_len))
     # No mask or bias: they are shaped for one pass, and a decode step has neither.
-    fields = {"q_len": n, "k_len": n, "causal": True, "mask": False, "bias": False}
+    spec = draw(attention_specs(ALL_FEATURES - {"long", "mask", "bias"}, max_len=max_len))
+    n = draw(st.integers(1, max_len))
+    layout = draw(st.sampled_from(("bottom_right", "left_padded")))
+    fields = {"q_len": n, "k_len": n, "causal": True, "layout": layout}
     return ProblemSpec(**{**spec.__dict__, **fields})
 
 
@@ -59,7 +62,7 @@ def test_appending_tokens_never_changes_earlier_outputs(
         ProblemSpec(**{**spec.__dict__, "q_len": spec.q_len + extra, "k_len": spec.k_len + extra})
     )
     n = spec.q_len
-    arrays = rounded_arrays(longer, case.dtype)
+    arrays = longer.rounded(case.dtype)
     # Positions continue past the end of the shorter sequence.
     pad = np.maximum(-arrays["q_pos"][:, :1], 0)
     arrays["q_pos"] = np.arange(n + extra)[None, :] - pad
@@ -82,7 +85,7 @@ def test_queries_of_earlier_tokens_are_never_needed(case: Case, spec: ProblemSpe
     The last token's output reads its own query and every key and value, but
     no earlier query, which is why a KV cache stores keys and values only.
     """
-    arrays = rounded_arrays(build_problem(spec), case.dtype)
+    arrays = build_problem(spec).rounded(case.dtype)
     scalars = {**spec_scalars(spec), "causal": True}
     clean, _ = run_spec(case, arrays, scalars)
     poisoned_q = arrays["q"].copy()

@@ -1,7 +1,7 @@
 """The verifier catches real bugs, shrinks them, and passes correct kernels and caches.
 
-Each wrong kernel in ``wrong_attention`` and each wrong cache in
-``wrong_caches`` has one realistic bug; ``check_attention`` and
+Each wrong kernel and each wrong cache of ``refattn.testing.known_bugs`` has
+one realistic bug; ``check_attention`` and
 ``check_cache`` must fail every one within their default number of examples,
 with a shrunk problem whose reproducer still fails. Correct implementations
 written differently from the spec (blockwise, split-KV, a plain NumPy kernel,
@@ -30,17 +30,13 @@ from refattn.testing import (
     check_problem,
     check_schedule,
 )
+from refattn.testing.drawing import DEFAULT_FEATURES, FEATURES, features_of
+from refattn.testing.known_bugs import CORRECT_CACHES, WRONG_CACHES
+from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
+from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
+from refattn.testing.known_bugs.attention import textbook
 from refattn.testing.report import size
-from refattn.testing.strategies import (
-    DEFAULT_FEATURES,
-    FEATURES,
-    append_schedules,
-    attention_specs,
-    features_of,
-    ragged_schedules,
-)
-from refattn.tests.wrong_attention import CORRECT, WRONG, textbook
-from refattn.tests.wrong_caches import CORRECT_CACHES, WRONG_CACHES
+from refattn.testing.strategies import append_schedules, attention_specs, ragged_schedules
 
 # -- the strategies reach the corners ----------------------------------------
 
@@ -119,7 +115,7 @@ def test_every_wrong_kernel_is_caught_with_a_shrunk_reproducer(name: str) -> Non
     assert isinstance(o.spec, ProblemSpec)
     assert check_problem(fn, o.spec, backend=o.backend, dtype=o.dtype).failed
     code = failure.to_code()
-    assert f"from refattn.tests.wrong_attention import {name}" in code
+    assert f"from refattn.testing.known_bugs.attention import {name}" in code
     with pytest.raises(AssertionError):
         exec(code, {})
     # Shrinking made it no bigger than it was found.
@@ -219,6 +215,17 @@ def test_unknown_features_and_strings_are_rejected() -> None:
         check_attention(textbook, features="causal")
     with pytest.raises(ValueError, match="dtype must be one of"):
         check_attention(textbook, backend="array_api_strict", dtypes=("float16",))
+    with pytest.raises(
+        ValueError, match=r"unknown \['mask'\] \(the spec takes it, but a candidate"
+    ):
+        check_attention(textbook, features={"causal", "mask"})
+
+
+@pytest.mark.parametrize("check", [check_attention, check_cache])
+def test_an_empty_dtype_list_is_refused_rather_than_passed(check: Any) -> None:
+    """No dtype means no problem checked: that must be an error, never ``passed``."""
+    with pytest.raises(ValueError, match="dtypes must name at least one dtype; got none"):
+        check(textbook if check is check_attention else refattn.StaticCache, dtypes=())
 
 
 def test_report_to_dict_carries_counts_and_the_reproducer() -> None:

@@ -1,26 +1,38 @@
 """Check attention kernels and KV caches against the spec.
 
-``check_attention(fn)`` and ``check_cache(factory)`` search with Hypothesis
-for a problem on which someone else's kernel or cache disagrees with the
-spec, shrink it, and report it with a runnable reproducer. The strategies
-they draw from are in :mod:`refattn.testing.strategies`, the tolerance rule
-in :mod:`refattn.testing.tolerance`, adapters for PyTorch SDPA,
-FlexAttention and flash-attn in :mod:`refattn.testing.adapters` (imported
-on demand).
+Two systems live here, each written once:
+
+- **the public verifier**, for other people's kernels and caches:
+  ``check_attention(fn)`` and ``check_cache(factory)`` search with Hypothesis
+  for a problem on which a candidate disagrees with the spec, shrink it, and
+  report it with a runnable reproducer. Its rooms: the problems
+  (:mod:`~refattn.testing.problems`, drawn by the one generator of
+  :mod:`~refattn.testing.drawing`), the Hypothesis strategies
+  (:mod:`~refattn.testing.strategies`), what a candidate is handed and how it
+  is run (:mod:`~refattn.testing.candidate`), the search
+  (:mod:`~refattn.testing.search`), the verdict on one problem
+  (:mod:`~refattn.testing.verdict`, by the rule of
+  :mod:`~refattn.testing.tolerance`), the report
+  (:mod:`~refattn.testing.report`), the two checks
+  (:mod:`~refattn.testing.attention_check`, :mod:`~refattn.testing.cache_check`)
+  and adapters for PyTorch SDPA, FlexAttention and flash-attn
+  (:mod:`~refattn.testing.adapters`, imported on demand);
+- **the self-check** behind ``refattn verify`` (:mod:`refattn.testing.selfcheck`):
+  the spec itself on every backend and dtype, against the independent loop
+  oracle (:mod:`~refattn.testing.oracle`).
+
+Both decode through caches with the one driver of
+:mod:`~refattn.testing.decoding`. :mod:`refattn.testing.known_bugs` holds
+kernels and caches with one realistic bug each (and correct ones written
+differently), to try a verdict on.
 """
 
-from refattn.testing.cache_verifier import check_cache, check_schedule
-from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem, random_spec
+from refattn.testing.attention_check import check_attention, check_problem, make_problem
+from refattn.testing.cache_check import check_cache, check_schedule
+from refattn.testing.candidate import AttentionProblem, Unsupported
+from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem
 from refattn.testing.report import Failure, FeatureCount, Outcome, Report
 from refattn.testing.tolerance import TOLERANCES, Tolerance, max_abs_error, spec_error_bound
-from refattn.testing.verifier import (
-    AttentionProblem,
-    Unsupported,
-    check_attention,
-    check_problem,
-    make_problem,
-    to_numpy,
-)
 
 __all__ = [
     "TOLERANCES",
@@ -41,7 +53,5 @@ __all__ = [
     "check_schedule",
     "make_problem",
     "max_abs_error",
-    "random_spec",
     "spec_error_bound",
-    "to_numpy",
 ]

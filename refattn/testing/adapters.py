@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from refattn.testing.verifier import AttentionProblem, Unsupported
+from refattn.testing.candidate import AttentionProblem, Unsupported
 
 __all__ = ["flash_attn_func", "flash_attn_with_kvcache", "torch_flex_attention", "torch_sdpa"]
 

@@ -1,10 +1,10 @@
 """Attention problems: a small description that rebuilds its arrays from a seed.
 
 A :class:`ProblemSpec` names the shapes and options of one attention call and
-a seed; :func:`build_problem` turns it into float64 NumPy arrays. Hypothesis
-draws specs (so failures shrink to small shapes and few options), ``refattn
-verify`` draws them from a NumPy generator, and both rebuild the same data
-from the same spec.
+a seed; :func:`build_problem` turns it into float64 NumPy arrays. Specs are
+drawn by :func:`refattn.testing.drawing.draw_spec`, through Hypothesis (so
+failures shrink to small shapes and few options) or a NumPy generator
+(``refattn verify``), and the same spec always rebuilds the same data.
 
 The corners drawn are the ones where implementations break: queries at the
 end of a longer cache (bottom-right), top-left alignment, per-row positions
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from refattn.backends.base import round_to
 
 #: How key and query positions are laid out.
 #:
@@ -53,13 +55,13 @@ class ProblemSpec:
     sink_tokens: int = 0
     softcap: float | None = None
     alibi: bool = False
-    sinks: bool = False
+    sink_logits: bool = False  #: one sink logit per head
     mask: bool = False
     bias: bool = False
     scale: float | None = None
     logit_size: float = 1.0
-    poison: bool = False
-    nan_slots: bool = False
+    unseen_nan: bool = False  #: NaN in every key and value slot no query may see
+    seen_nan: bool = False  #: NaN in some held slots, seen by some queries and not others
     return_lse: bool = False
     seed: int = 0
 
@@ -83,6 +85,14 @@ class Problem:
         """The array arguments of ``attention`` (None ones left out)."""
         names = ("q", "k", "v", "q_pos", "k_pos", "mask", "bias", "alibi_slopes", "sink_logits")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def rounded(self, dtype: str) -> dict[str, np.ndarray]:
+        """:meth:`arrays` with the floating ones rounded to ``dtype`` and held as float64:
+        what a candidate in ``dtype`` and the oracle both see."""
+        return {
+            name: round_to(x, dtype).astype(np.float64) if x.dtype.kind == "f" else x
+            for name, x in self.arrays().items()
+        }
 
     def scalars(self) -> dict[str, Any]:
         """The scalar keyword arguments of ``attention``."""
@@ -118,12 +128,12 @@ def build_problem(spec: ProblemSpec) -> Problem:
         slopes = 2.0 ** (-8.0 * np.arange(1, Hq + 1) / Hq)
         if rng.integers(2):
             slopes = slopes * rng.uniform(0.5, 2.0, size=(B, 1))
-    if spec.sinks:
+    if spec.sink_logits:
         sinks = rng.standard_normal(Hq)
     problem = Problem(spec, q, k, v, q_pos, k_pos, mask, bias, slopes, sinks)
-    if spec.poison:
+    if spec.unseen_nan:
         _poison_unseen_slots(problem)
-    if spec.nan_slots:
+    if spec.seen_nan:
         # NaN in some held slots, seen by some queries and not others: only the
         # queries that see one may turn NaN.
         hit = (rng.random((B, Sk)) < 0.2)[:, None, :, None]
@@ -186,35 +196,6 @@ def _poison_unseen_slots(problem: Problem) -> None:
     unseen = ~seen_slots(problem)  # (B, Sk)
     problem.k = np.where(unseen[:, None, :, None], np.nan, problem.k)
     problem.v = np.where(unseen[:, None, :, None], np.nan, problem.v)
-
-
-def random_spec(rng: np.random.Generator, *, seed: int | None = None) -> ProblemSpec:
-    """A spec drawn from a NumPy generator, every option switched on at random."""
-    kv_heads = int(rng.integers(1, 4))
-    k_len = int(rng.integers(0, 24))
-    return ProblemSpec(
-        batch=int(rng.integers(1, 4)),
-        q_heads=kv_heads * int(rng.integers(1, 4)),
-        kv_heads=kv_heads,
-        q_len=int(rng.integers(1, 12)),
-        k_len=k_len,
-        head_dim=int(rng.choice([1, 3, 8, 16, 24])),
-        value_dim=int(rng.choice([1, 5, 8, 16])),
-        causal=bool(rng.integers(2)),
-        layout=str(rng.choice(LAYOUTS)),
-        window=int(rng.integers(1, k_len + 3)) if rng.random() < 0.3 else None,
-        sink_tokens=int(rng.integers(0, 4)),
-        softcap=float(rng.uniform(1.0, 30.0)) if rng.random() < 0.25 else None,
-        alibi=bool(rng.random() < 0.25),
-        sinks=bool(rng.random() < 0.25),
-        mask=bool(rng.random() < 0.25),
-        bias=bool(rng.random() < 0.25),
-        scale=float(rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None,
-        logit_size=float(rng.choice([1.0, 1.0, 100.0, 1e4])),
-        poison=bool(rng.random() < 0.3),
-        nan_slots=bool(rng.random() < 0.1),
-        seed=int(rng.integers(2**31)) if seed is None else seed,
-    )
 
 
 @dataclass(frozen=True)

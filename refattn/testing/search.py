@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from refattn.backends import Case, get
 from refattn.testing.report import Failure, Outcome, Report
 
 
@@ -82,26 +81,3 @@ class _Failed(AssertionError):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(str(outcome))
         self.outcome = outcome
-
-
-def resolve_case(backend: str, device: str | None, dtype: str) -> Case:
-    """The (backend, device, dtype) to check in, with an error naming what is not available."""
-    chosen = get(backend)
-    reason = chosen.unavailable_reason()
-    if reason:
-        raise ValueError(f"backend {backend!r} cannot run here: {reason}")
-    devices = chosen.devices()
-    device = devices[0] if device is None else device
-    if device not in devices:
-        raise ValueError(f"device must be one of {devices} for {backend}; got {device!r}")
-    dtypes = chosen.dtypes(device)
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {dtypes} for {backend} on {device}; got {dtype!r}")
-    return Case(chosen, device, dtype)
-
-
-def qualified_name(fn: Callable[..., Any]) -> str:
-    """``module:qualname`` of a function or class, as a reproducer imports it."""
-    module = getattr(fn, "__module__", None) or "__main__"
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}:{name}"

@@ -1,4 +1,5 @@
-"""``refattn verify``: the spec on every available backend and dtype, against the loop oracle.
+"""The self-check behind ``refattn verify``: the spec on every backend and dtype, against the
+loop oracle.
 
 Properties per (backend, device, dtype):
 
@@ -13,47 +14,43 @@ Properties per (backend, device, dtype):
   steps, each row compared with the oracle's full causal pass over its history
   (windowed with sinks for the ring; within its stated bound for int8).
 
-Problems come from a seeded NumPy generator, so a run is repeatable and a
-failing row names a problem that can be rebuilt from its spec.
+Problems come from the one problem generator
+(:func:`refattn.testing.drawing.draw_spec`) fed by a seeded NumPy generator,
+so a run is repeatable and a failing row names a problem that can be rebuilt
+from its spec.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
-from refattn.backends import BACKENDS, Case, selected
-from refattn.backends import cases as all_cases
+from refattn.backends import BACKENDS, Case, cases, selected
 from refattn.blockwise import attention_blockwise, attention_split_kv
 from refattn.caches import KINDS
-from refattn.testing.agreement import (
+from refattn.console import make_console, progress_bar, write_json
+from refattn.testing import oracle
+from refattn.testing.decoding import Step, cache_on
+from refattn.testing.drawing import ALL_FEATURES, NumpyDraws, draw_spec, draw_steps
+from refattn.testing.problems import ProblemSpec, build_problem
+from refattn.testing.selfcheck.agreement import (
     Agreement,
     Oracle,
     measure,
+    measure_cache,
     measure_decode,
-    rounded_arrays,
     share,
 )
-from refattn.testing.decoding import Step, make_cache, measure_cache, random_steps
-from refattn.testing.problems import ProblemSpec, build_problem, random_spec
-from refattn.testing.report import Report
+
+#: What the self-check's attention problems draw: everything the spec takes but rows
+#: of 64 to 1024 keys, which the loop oracle would take minutes over.
+SELF_CHECK_FEATURES = ALL_FEATURES - {"long"}
 
 
 @dataclass
@@ -85,44 +82,33 @@ class Row:
 
 def decode_spec(rng: np.random.Generator) -> tuple[ProblemSpec, list[int]]:
     """A causal self-attention sequence (maybe left padded) and a chunk schedule."""
-    n = int(rng.integers(1, 24))
-    spec = replace(
-        random_spec(rng),
-        q_len=n,
-        k_len=n,
-        causal=True,
-        layout=str(rng.choice(["bottom_right", "left_padded"])),
-        mask=False,
-        bias=False,
-    )
-    prefill = int(rng.integers(0, n + 1))
+    draws = NumpyDraws(rng)
+    n = draws.integer(1, 23)
+    drawn = draw_spec(draws, SELF_CHECK_FEATURES - {"mask", "bias", "no_queries"})
+    spec = replace(drawn, q_len=n, k_len=n, causal=True,
+                   layout=draws.choice(("bottom_right", "left_padded")))  # fmt: skip
+    prefill = draws.integer(0, n)
     chunks = [prefill] if prefill else []
     while sum(chunks) < n:
-        chunks.append(int(rng.integers(1, n - sum(chunks) + 1)))
+        chunks.append(draws.integer(1, n - sum(chunks)))
     return spec, chunks
 
 
 def cache_history(rng: np.random.Generator) -> tuple[ProblemSpec, list[Step], dict[str, Any]]:
-    """Rows of tokens, a ragged schedule, and the cache's own parameters."""
-    kv_heads = int(rng.integers(1, 3))
+    """Rows of tokens, a ragged schedule, and the caches' own parameters (for the kinds
+    that take them: the ring's window and sink tokens, the paged cache's block size)."""
+    draws = NumpyDraws(rng)
+    kv_heads, n, d = draws.integer(1, 2), draws.integer(1, 19), draws.choice((3, 8, 16))
     spec = ProblemSpec(
-        batch=int(rng.integers(1, 4)),
-        q_heads=kv_heads * int(rng.integers(1, 3)),
-        kv_heads=kv_heads,
-        q_len=(n := int(rng.integers(1, 20))),
-        k_len=n,
-        head_dim=(d := int(rng.choice([3, 8, 16]))),
-        value_dim=d,
-        causal=True,
-        seed=int(rng.integers(2**31)),
-    )
-    steps = random_steps(rng, spec.batch, n)
-    shape: dict[str, Any] = {
-        "window": int(rng.integers(1, 8)),
-        "sink_tokens": int(rng.integers(0, 3)),
-        "block_size": int(rng.integers(1, 5)),
+        batch=draws.integer(1, 3), q_heads=kv_heads * draws.integer(1, 2), kv_heads=kv_heads,
+        q_len=n, k_len=n, head_dim=d, value_dim=d, causal=True, seed=draws.integer(0, 2**31),
+    )  # fmt: skip
+    steps = draw_steps(draws, [n] * spec.batch)
+    own = {
+        "sliding": {"window": draws.integer(1, 7), "sink_tokens": draws.integer(0, 2)},
+        "paged": {"block_size": draws.integer(1, 4)},
     }
-    return spec, steps, shape
+    return spec, steps, own
 
 
 def run(
@@ -137,7 +123,7 @@ def run(
 ) -> list[Row]:
     """Check every case on the same problems; return one row per case and property."""
     rng = np.random.default_rng(seed)
-    attention_specs = [random_spec(rng) for _ in range(problems)]
+    attention_specs = [draw_spec(NumpyDraws(rng), SELF_CHECK_FEATURES) for _ in range(problems)]
     decode_specs = [decode_spec(rng) for _ in range(sequences)]
     cache_histories = [cache_history(rng) for _ in range(histories)]
     forms = {
@@ -168,11 +154,11 @@ def run(
         rows.append(decode_row)
         for kind in KINDS:
             cache_row = Row(case, f"cache: {kind}")
-            for spec, steps, shape in cache_histories:
-                arrays = rounded_arrays(build_problem(spec), case.dtype)
-                cache = make_cache(
+            for spec, steps, own in cache_histories:
+                arrays = build_problem(spec).rounded(case.dtype)
+                cache = cache_on(
                     kind, case, batch=spec.batch, kv_heads=spec.kv_heads,
-                    head_dim=spec.head_dim, capacity=spec.k_len, **shape,
+                    head_dim=spec.head_dim, max_len=spec.k_len, **own.get(kind, {}),
                 )  # fmt: skip
                 cache_row.add(spec, measure_cache(cache, case, arrays, steps, oracle))
             rows.append(cache_row)
@@ -205,7 +191,7 @@ def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def format_table(rows: list[Row], skipped: dict[str, str]) -> Table:
+def format_table(rows: list[Row]) -> Table:
     """The verify table: a line per (backend, device, dtype) and property."""
     table = Table(title="refattn verify: the spec against the loop oracle", title_justify="left")
     for name in ("backend", "device", "dtype", "property"):
@@ -233,36 +219,39 @@ def main(
     sequences: int,
     histories: int = 10,
     seed: int,
-    dtypes: tuple[str, ...] | None = None,
+    dtypes: Sequence[str] | None = None,
+    backends: Sequence[str] | None = None,
     json_path: str | None = None,
     console: Console | None = None,
 ) -> int:
-    """Run verify on every selected backend; print the table; 0 if everything passed."""
-    from refattn.tests.oracle import oracle_attention
-
+    """Run the self-check on ``backends`` (default: ``REFATTN_BACKENDS``, or all) in
+    ``dtypes`` (default: every one each backend has); print the table; 0 if all passed."""
     console = console or make_console()
-    chosen = selected()
+    chosen = selected(backends)
     skipped = {b.name: b.unavailable_reason() or "" for b in chosen if not b.available()}
     unselected = sorted(set(BACKENDS) - {b.name for b in chosen})
-    skipped |= {name: "not in REFATTN_BACKENDS" for name in unselected}
-    cases = [c for c in all_cases() if dtypes is None or c.dtype in dtypes]
+    skipped |= {name: "not selected" for name in unselected}
+    checked = [c for c in cases(backends) if dtypes is None or c.dtype in dtypes]
+    if not checked:
+        console.print(f"refattn verify: no backend here runs {list(dtypes or [])}: nothing checked")
+        return 1
     console.print(
-        f"refattn verify: {len(cases)} backend/device/dtype cases, {problems} problems "
+        f"refattn verify: {len(checked)} backend/device/dtype cases, {problems} problems "
         f"{sequences} chunked sequences and {histories} histories per cache kind each, "
         f"seed {seed}"
     )
     with progress_bar(console) as bar:
-        task = bar.add_task("verifying", total=len(cases))
+        task = bar.add_task("verifying", total=len(checked))
         rows = run(
-            cases,
-            oracle_attention,
+            checked,
+            oracle.oracle_attention,  # looked up now, so a test can put a wrong one in its place
             problems=problems,
             sequences=sequences,
             histories=histories,
             seed=seed,
             progress=lambda row: bar.update(task, advance=1, description=row.case.id),
         )
-    console.print(format_table(rows, skipped))
+    console.print(format_table(rows))
     for name, reason in skipped.items():
         console.print(f"{name}: skipped ({reason})", highlight=False)
     for row in rows:
@@ -276,114 +265,3 @@ def main(
         write_json(json_path, {"spec": table_rows(rows), "skipped": skipped})
     console.print(f"{len(rows) - len(failed)} passed, {len(failed)} failed", highlight=False)
     return 1 if failed else 0
-
-
-def check_candidate(
-    target: str,
-    *,
-    backends: list[str],
-    dtypes: tuple[str, ...] | None,
-    examples: int,
-    features: list[str] | None,
-    seed: int | None,
-    json_path: str | None = None,
-    console: Console | None = None,
-) -> int:
-    """``refattn verify --candidate module:function``: check_attention on each backend."""
-    from refattn.testing import check_attention
-
-    console = console or make_console()
-    fn = import_target(target)
-    reports = []
-    with progress_bar(console) as bar:
-        for name in backends:
-            backend = BACKENDS[name]
-            if not backend.available():
-                console.print(f"{name}: skipped ({backend.unavailable_reason()})")
-                continue
-            device = backend.devices()[0]
-            kinds = tuple(d for d in backend.dtypes(device) if dtypes is None or d in dtypes)
-            if dtypes is None:
-                kinds = ("float32",)
-            task = bar.add_task(f"{target} on {name}", total=examples * len(kinds))
-
-            def advance(_: object, task: TaskID = task) -> None:
-                bar.update(task, advance=1)
-
-            report = check_attention(
-                fn, backend=name, dtypes=kinds, features=features, max_examples=examples,
-                seed=seed, on_example=advance,
-            )  # fmt: skip
-            bar.update(task, completed=examples * len(kinds))
-            reports.append(report)
-    for report in reports:
-        console.print(report_table(report))
-        for dtype in report.dtypes:
-            supported, tried = report.supported(dtype), report.tried(dtype)
-            if supported < tried / 4:
-                console.print(
-                    f"{dtype}: only {supported} of {tried} problems were supported; "
-                    "--features narrows the draws to what the candidate expresses",
-                    highlight=False,
-                )
-        for failure in report.failures:
-            console.print(str(failure), highlight=False, markup=False, soft_wrap=True)
-    if json_path:
-        write_json(json_path, {"candidate": target, "reports": [r.to_dict() for r in reports]})
-    passed = bool(reports) and all(r.passed for r in reports)
-    console.print(f"{target}: {'passed' if passed else 'FAILED'}", highlight=False)
-    return 0 if passed else 1
-
-
-def report_table(report: Report) -> Table:
-    """Per dtype and feature: problems tried, passed, failed and unsupported."""
-    verdict = "passed" if report.passed else "[bold red]FAILED[/]"
-    table = Table(
-        title=f"{report.name} on {report.backend} ({report.device}): {verdict}",
-        title_justify="left",
-    )
-    table.add_column("dtype")
-    table.add_column("feature")
-    for name in ("tried", "passed", "failed", "unsupported"):
-        table.add_column(name, justify="right")
-    for dtype, per in report.counts.items():
-        for tag, c in sorted(per.items(), key=lambda item: (item[0] != "all", item[0])):
-            failed = f"[bold red]{c.failed}[/]" if c.failed else "0"
-            table.add_row(dtype, tag, str(c.tried), str(c.passed), failed, str(c.unsupported))
-    return table
-
-
-def import_target(target: str) -> Callable[..., Any]:
-    """``module:function`` (or ``module.function``) imported."""
-    module_name, sep, attr = target.partition(":")
-    if not sep:
-        module_name, _, attr = target.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"candidate must look like module:function; got {target!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"candidate {target!r} is not callable")
-    return obj
-
-
-def make_console() -> Console:
-    """A console that keeps tables whole when output is piped or captured."""
-    return Console(width=None if sys.stdout.isatty() else 160, file=sys.stdout)
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, default=float)

@@ -3,8 +3,8 @@
 Every wrong kernel here is :func:`textbook` with one line changed the way
 kernel authors get it wrong (each has been reported against some real
 library). ``check_attention`` must fail every one of them and pass the
-correct ones. They are importable as ``refattn.tests.wrong_attention`` so
-that ``refattn verify --candidate`` can be pointed at them.
+correct ones. ``refattn verify --candidate
+refattn.testing.known_bugs.attention:<name>`` points the verifier at one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 import refattn
-from refattn.testing import AttentionProblem, to_numpy
+from refattn.backends import to_numpy
+from refattn.testing.candidate import AttentionProblem
 
 Visible = Callable[[np.ndarray, np.ndarray, AttentionProblem], np.ndarray]
 

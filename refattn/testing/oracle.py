@@ -1,4 +1,7 @@
-"""Independent loop oracle for scaled-dot-product attention, used by the tests.
+"""The independent loop oracle: attention as plain per-query loops in float64.
+
+``refattn verify`` and the test suite hold the spec against it; users may hold
+their own kernels against it too.
 
 This module restates the attention contract of refattn as plain per-query loops
 in float64 NumPy. It deliberately shares no code with refattn and uses no
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["oracle_attention", "oracle_causal_full"]
+__all__ = ["oracle_attention"]
 
 
 def _to_float64(x: Any, name: str) -> npt.NDArray[np.float64]:
@@ -317,28 +320,3 @@ def oracle_attention(
     if return_weights:
         return out, lse, probs
     return out, lse
-
-
-def oracle_causal_full(
-    q: Any, k: Any, v: Any, **options: Any
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Full causal attention over the whole sequence with default positions.
-
-    A thin wrapper: ``oracle_attention(q, k, v, causal=True, **options)``.
-
-    Parameters
-    ----------
-    q, k, v : array_like
-        Queries ``(B, Hq, Sq, D)``, keys ``(B, Hkv, Sk, D)`` and values
-        ``(B, Hkv, Sk, Dv)``.
-    **options
-        Any other keyword argument of :func:`oracle_attention`.
-
-    Returns
-    -------
-    out : numpy.ndarray
-        float64 array of shape ``(B, Hq, Sq, Dv)``.
-    lse : numpy.ndarray
-        float64 array of shape ``(B, Hq, Sq)``.
-    """
-    return oracle_attention(q, k, v, causal=True, **options)

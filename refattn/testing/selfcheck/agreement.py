@@ -1,4 +1,4 @@
-"""Run one problem on one (backend, device, dtype) and measure it against an oracle.
+"""The spec on one (backend, device, dtype), measured against the loop oracle.
 
 The oracle is any function with the signature of ``attention`` that returns
 ``(out, lse)`` in float64 NumPy, and ``(out, lse, weights)`` when called with
@@ -20,19 +20,20 @@ import numpy as np
 
 from refattn.attention import attention
 from refattn.backends import BACKENDS, Case
-from refattn.backends.base import round_to
+from refattn.caches import KVCache, QuantizedCache
+from refattn.testing.decoding import Step, decode
 from refattn.testing.problems import Problem
 from refattn.testing.tolerance import (
     TOLERANCES,
     ErrorBound,
     finite_max_abs,
     max_abs_error,
+    quantized_error_bound,
     spec_error_bound,
 )
+from refattn.testing.verdict import run_spec
 
 Oracle = Callable[..., Any]
-
-_FLOATS = ("q", "k", "v", "bias", "alibi_slopes", "sink_logits")
 
 
 @dataclass(frozen=True)
@@ -59,34 +60,11 @@ def share(error: float, allowed: float) -> float:
     return 0.0 if error == 0 else error / allowed if allowed > 0 else float("inf")
 
 
-def rounded_arrays(problem: Problem, dtype: str) -> dict[str, np.ndarray]:
-    """The problem's arrays with floats rounded to ``dtype`` and held as float64."""
-    return {
-        name: round_to(x, dtype).astype(np.float64) if name in _FLOATS else x
-        for name, x in problem.arrays().items()
-    }
-
-
-def run_spec(
-    case: Case,
-    arrays: dict[str, np.ndarray],
-    scalars: dict[str, Any],
-    fn: Callable[..., Any] = attention,
-) -> tuple[Any, Any]:
-    """``fn`` (``attention`` or a form of it) on the case's backend; (out, lse) as NumPy."""
-    backend = case.backend
-    on_backend = {
-        name: backend.asarray(x, dtype=case.dtype, device=case.device) for name, x in arrays.items()
-    }
-    out, lse = fn(**on_backend, **scalars, return_lse=True)
-    return backend.to_numpy(out), backend.to_numpy(lse)
-
-
 def measure(
     problem: Problem, case: Case, oracle: Oracle, fn: Callable[..., Any] = attention
 ) -> Agreement:
     """Run ``problem`` through ``fn`` on ``case`` and compare it with ``oracle``."""
-    arrays = rounded_arrays(problem, case.dtype)
+    arrays = problem.rounded(case.dtype)
     scalars = problem.scalars()
     ref_out, ref_lse, weights = oracle(**arrays, **scalars, return_weights=True)
     out, lse = run_spec(case, arrays, scalars, fn)
@@ -126,7 +104,7 @@ def measure_decode(problem: Problem, chunks: list[int], case: Case, oracle: Orac
         raise ValueError("a decode problem needs q_len == k_len and no mask or bias")
     if sum(chunks) != problem.q.shape[2]:
         raise ValueError(f"chunks must add up to {problem.q.shape[2]}; got {chunks}")
-    arrays = rounded_arrays(problem, case.dtype)
+    arrays = problem.rounded(case.dtype)
     scalars = {**problem.scalars(), "causal": True}
     ref_out, ref_lse, weights = oracle(**arrays, **scalars, return_weights=True)
     default_positions = problem.spec.layout == "bottom_right"
@@ -172,3 +150,34 @@ def _bound(
         out=ref_out,
         weights=weights,
     )
+
+
+def measure_cache(
+    cache: KVCache, case: Case, arrays: dict[str, np.ndarray], steps: list[Step], oracle: Oracle,
+    **options: Any,
+) -> Agreement:  # fmt: skip
+    """Decode through ``cache`` and compare every row with the oracle's full causal pass
+    over that row's history; the worst row's agreement."""
+    decoded = decode(cache, case, arrays, steps, **options)
+    if isinstance(decoded, str):
+        raise AssertionError(f"refattn's {type(cache).__name__} returned {decoded}")
+    attend = {**cache.attention_options, **options}
+    worst: Agreement | None = None
+    for b in range(arrays["q"].shape[0]):
+        row = {name: arrays[name][b : b + 1] for name in ("q", "k", "v")}
+        ref_out, _, weights = oracle(**row, causal=True, **attend, return_weights=True)
+        bounds = {**row, **{n: x for n, x in options.items() if isinstance(x, np.ndarray)}}
+        allowed = spec_error_bound(
+            bounds, dtype=case.dtype, scale=options.get("scale"), out=ref_out, weights=weights
+        ).out
+        if isinstance(cache, QuantizedCache):
+            q, k, v = row["q"], row["k"], row["v"]
+            scale = options.get("scale")
+            allowed += quantized_error_bound(
+                q, k, v, bits=cache.bits, dtype=case.dtype, scale=scale
+            )
+        agreement = Agreement(max_abs_error(decoded[b : b + 1], ref_out), allowed, 0.0, 1.0)
+        if worst is None or agreement.ratio > worst.ratio:
+            worst = agreement
+    assert worst is not None
+    return worst

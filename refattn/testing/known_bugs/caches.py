@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from refattn.testing import to_numpy
+from refattn.backends import to_numpy
 
 
 class ListCache:

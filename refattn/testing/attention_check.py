@@ -1,0 +1,144 @@
+r"""Check someone else's attention kernel against the spec: ``check_attention``.
+
+``check_attention(fn)`` draws attention problems with Hypothesis
+(:mod:`refattn.testing.strategies`), hands each to ``fn`` as an
+:class:`~refattn.testing.candidate.AttentionProblem`, and judges what comes
+back by the tolerance rule (:mod:`refattn.testing.verdict`). When one fails,
+Hypothesis shrinks it to the smallest failing problem, and the
+:class:`~refattn.testing.report.Report` prints it as code to paste into a test.
+
+The problem's arrays live on the backend asked for (NumPy by default), in the
+dtype under test; positions are always concrete int64 arrays. ``fn`` may
+return arrays of another library (NumPy, PyTorch, CuPy, anything with
+``__array__``): they are brought to NumPy before comparing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from refattn.testing.candidate import (
+    AttentionProblem,
+    on_backend,
+    qualified_name,
+    resolve_case,
+    run_candidate,
+)
+from refattn.testing.drawing import features_of, resolve_features
+from refattn.testing.problems import ProblemSpec, build_problem
+from refattn.testing.report import Outcome, Report
+from refattn.testing.search import search
+from refattn.testing.strategies import attention_specs
+from refattn.testing.verdict import judge
+
+
+def make_problem(
+    spec: ProblemSpec, *, backend: str = "numpy", dtype: str = "float32", device: str | None = None
+) -> AttentionProblem:
+    """The :class:`AttentionProblem` of ``spec`` on ``backend``/``device`` in ``dtype``."""
+    case = resolve_case(backend, device, dtype)
+    return on_backend(spec, build_problem(spec).rounded(dtype), case)
+
+
+def check_problem(
+    fn: Callable[[AttentionProblem], Any],
+    spec: ProblemSpec,
+    *,
+    backend: str = "numpy",
+    dtype: str = "float32",
+    device: str | None = None,
+) -> Outcome:
+    """Run ``fn`` on one problem and judge it by the tolerance rule.
+
+    >>> import refattn
+    >>> from refattn.testing import ProblemSpec, check_problem
+    >>> def mine(p):
+    ...     return refattn.attention(p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos,
+    ...                              k_pos=p.k_pos, scale=p.scale, window=p.window)
+    >>> check_problem(mine, ProblemSpec(q_len=2, k_len=5, causal=True, window=3)).passed
+    True
+    """
+    case = resolve_case(backend, device, dtype)
+    arrays = build_problem(spec).rounded(dtype)  # built once: the candidate's and the oracle's
+    problem = on_backend(spec, arrays, case)
+    start = Outcome(spec=spec, dtype=dtype, backend=backend, device=case.device)
+    result, failed = run_candidate(start, lambda: fn(problem))
+    if failed is not None:
+        return failed
+    scalars = {"causal": spec.causal, "window": spec.window, "softcap": spec.softcap,
+               "scale": spec.scale}  # fmt: skip
+    return judge(start, result, arrays, scalars, spec.return_lse)
+
+
+def checked_dtypes(dtypes: Iterable[str]) -> tuple[str, ...]:
+    """The dtypes of a check; none at all is an error, since nothing would be checked."""
+    if isinstance(dtypes, str):
+        raise TypeError(f"dtypes must be a collection of names, not the string {dtypes!r}")
+    chosen = tuple(dtypes)
+    if not chosen:
+        raise ValueError("dtypes must name at least one dtype; got none: nothing would be checked")
+    return chosen
+
+
+def check_attention(
+    fn: Callable[[AttentionProblem], Any],
+    *,
+    backend: str = "numpy",
+    device: str | None = None,
+    dtypes: Iterable[str] = ("float32",),
+    features: Iterable[str] | None = None,
+    max_examples: int = 200,
+    seed: int | None = None,
+    on_example: Callable[[Outcome], None] | None = None,
+) -> Report:
+    """Search for a problem on which ``fn`` disagrees with the spec; shrink it.
+
+    Parameters
+    ----------
+    fn : ``fn(problem: AttentionProblem)`` returns ``out`` (B, Hq, Sq, Dv), or
+        ``(out, lse)`` when ``problem.return_lse``; raises :class:`Unsupported`
+        for a problem its kernel cannot express
+    backend, device : where the problem's arrays live (``"numpy"``,
+        ``"array_api_strict"``, ``"torch"``, ``"cupy"``); device defaults to the
+        backend's first
+    dtypes : each dtype is searched separately, ``max_examples`` problems each
+    features : what may be drawn (:data:`~refattn.testing.strategies.FEATURES`);
+        None draws everything but ``nan_slots``
+    seed : makes the search repeatable; None draws a fresh one
+    on_example : called with every :class:`Outcome` of the search (a progress bar)
+
+    Returns
+    -------
+    Report
+        ``passed``, per-feature counts, and for each failing dtype the shrunk
+        problem with its error, its bound and a reproducer (``to_code()``).
+
+    Examples
+    --------
+    >>> import refattn
+    >>> from refattn.testing import check_attention
+    >>> def mine(p):
+    ...     return refattn.attention_blockwise(
+    ...         p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos,
+    ...         scale=p.scale, window=p.window, softcap=p.softcap,
+    ...         alibi_slopes=p.alibi_slopes, return_lse=p.return_lse, block_k=4)
+    >>> check_attention(mine, max_examples=20, seed=0).passed
+    True
+    """
+    chosen = resolve_features(features)
+    dtypes = checked_dtypes(dtypes)
+    case = resolve_case(backend, device, dtypes[0])
+    for dtype in dtypes:
+        resolve_case(backend, case.device, dtype)
+    report = Report(name=qualified_name(fn), backend=backend, device=case.device,
+                    dtypes=dtypes, features=chosen)  # fmt: skip
+    strategy = attention_specs(chosen)
+    for dtype in dtypes:
+
+        def one(spec: ProblemSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
+            outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device)
+            return outcome, features_of(spec)
+
+        search(report, one, strategy, dtype, max_examples, seed, on_example)
+    return report

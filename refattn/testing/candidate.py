@@ -1,0 +1,129 @@
+"""What a candidate kernel is handed, and the one way a candidate is run.
+
+A candidate is someone else's attention function or cache. It receives an
+:class:`AttentionProblem` (arrays on the backend and in the dtype checked,
+positions always concrete) and may raise :class:`Unsupported` for a problem
+its kernel cannot express. :func:`run_candidate` calls it and turns that, or
+a crash, into an :class:`~refattn.testing.report.Outcome`, for
+``check_attention`` and ``check_cache`` alike.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from refattn.backends import Case, get
+from refattn.testing.problems import ProblemSpec
+from refattn.testing.report import Outcome
+
+
+class Unsupported(Exception):
+    """Raised by a candidate for a problem its kernel cannot express; counted, not failed."""
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """One attention call, as a candidate receives it.
+
+    The arrays are on the checked backend and device, in the checked dtype;
+    ``q_pos`` and ``k_pos`` are int64 and always given (``k_pos = -1`` marks
+    an empty slot). The candidate computes, for query head ``h`` and KV head
+    ``h // (Hq // Hkv)``, softmax over the visible keys of
+    ``softcap(scale * q.k) - slope * |q_pos - k_pos|`` and the weighted sum of
+    the values (see ``refattn.attention``).
+    """
+
+    q: Any  #: (B, Hq, Sq, D)
+    k: Any  #: (B, Hkv, Sk, D)
+    v: Any  #: (B, Hkv, Sk, Dv)
+    causal: bool
+    q_pos: Any  #: (B, Sq) int64
+    k_pos: Any  #: (B, Sk) int64, -1 for an empty slot
+    scale: float  #: always concrete: 1/sqrt(D) unless the problem sets one
+    window: int | None  #: a key is visible when q_pos - k_pos < window
+    softcap: float | None  #: scores become softcap * tanh(scores / softcap)
+    alibi_slopes: Any | None  #: (Hq,) or (B, Hq), in the checked dtype
+    return_lse: bool  #: return (out, lse), lse (B, Hq, Sq), natural log
+    xp: Any  #: the array namespace of the arrays
+    dtype: str  #: "float32", "float16", ...
+    device: str
+    backend: str
+    spec: ProblemSpec  #: rebuilds this problem with ``make_problem``
+
+
+#: What a spec may set for its problem to be handed to a candidate today.
+UNCHECKABLE = ("mask", "bias", "sink_logits", "seen_nan", "sink_tokens")
+
+
+def on_backend(spec: ProblemSpec, arrays: dict[str, np.ndarray], case: Case) -> AttentionProblem:
+    """The problem of ``spec`` with its (rounded, float64) ``arrays`` moved to ``case``."""
+    used = [name for name in UNCHECKABLE if getattr(spec, name)]
+    if used:
+        raise ValueError(
+            f"a checked problem has no mask, bias, sink logits, NaN in seen slots or sink "
+            f"tokens; spec sets {used}"
+        )
+    backend = case.backend
+    on = {n: backend.asarray(x, dtype=case.dtype, device=case.device) for n, x in arrays.items()}
+    return AttentionProblem(
+        q=on["q"],
+        k=on["k"],
+        v=on["v"],
+        causal=spec.causal,
+        q_pos=on["q_pos"],
+        k_pos=on["k_pos"],
+        scale=float(spec.scale) if spec.scale is not None else 1.0 / math.sqrt(spec.head_dim),
+        window=spec.window,
+        softcap=spec.softcap,
+        alibi_slopes=on.get("alibi_slopes"),
+        return_lse=spec.return_lse,
+        xp=case.backend.namespace(),
+        dtype=case.dtype,
+        device=case.device,
+        backend=case.backend.name,
+        spec=spec,
+    )
+
+
+def resolve_case(backend: str, device: str | None, dtype: str) -> Case:
+    """The (backend, device, dtype) to check in, with an error naming what is not available."""
+    chosen = get(backend)
+    reason = chosen.unavailable_reason()
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot run here: {reason}")
+    devices = chosen.devices()
+    device = devices[0] if device is None else device
+    if device not in devices:
+        raise ValueError(f"device must be one of {devices} for {backend}; got {device!r}")
+    dtypes = chosen.dtypes(device)
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {dtypes} for {backend} on {device}; got {dtype!r}")
+    return Case(chosen, device, dtype)
+
+
+def run_candidate(start: Outcome, call: Callable[[], Any]) -> tuple[Any, Outcome | None]:
+    """``call()``'s result and None; or, when it raised, None and the outcome that says so.
+
+    :class:`Unsupported` is counted as unsupported; any other exception is a
+    failure (shrunk like any other), naming where it was raised.
+    """
+    try:
+        return call(), None
+    except Unsupported as exc:
+        return None, start.but(unsupported=str(exc) or "unsupported")
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return None, start.but(message=f"raised {exc!r} at {where.filename}:{where.lineno}")
+
+
+def qualified_name(fn: Callable[..., Any]) -> str:
+    """``module:qualname`` of a function or class, as a reproducer imports it."""
+    module = getattr(fn, "__module__", None) or "__main__"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{name}"

@@ -1,0 +1,257 @@
+"""The one generator of attention problems, and the features a draw can switch on.
+
+:func:`draw_spec` writes down, once, which attention problems are drawn: shapes,
+options and a seed, as a :class:`~refattn.testing.problems.ProblemSpec`. Where
+the randomness comes from is a separate question, answered by a
+:class:`Draws`: :class:`~refattn.testing.strategies.HypothesisDraws` (so that
+``check_attention`` and the test suite can shrink a failure) or
+:class:`NumpyDraws` (so that ``refattn verify`` is a seeded, repeatable loop).
+
+``features`` narrows what is drawn. A feature left out is never drawn; every
+feature named may be:
+
+===============  =============================================================
+feature          what it draws
+===============  =============================================================
+``causal``       causal masking (otherwise every problem is non-causal)
+``gqa``          several query heads per KV head (1 to 4 groups)
+``positions``    positions other than the defaults: top-left alignment, rows
+                 whose queries sit at different positions
+``empty_slots``  key slots with ``k_pos = -1`` (padding, holes, empty ring
+                 slots, per-row lengths), so also fully masked rows and Sk = 0
+``window``       a sliding window, including its edges ``q - k = W - 1, W``
+``softcap``      tanh soft-capping of the scores, caps from 0.5 to 50
+``alibi``        ALiBi slopes, per head or per (batch, head)
+``lse``          the log-sum-exp is asked for as well
+``long``         rows of 64 to 1024 keys, where low-precision sums drift
+``large_logits`` scores near 1e4, which overflow a softmax without max subtraction
+``unseen_nan``   NaN in every slot no query may see (off by default: only kernels
+                 that never read such slots, as flash-attn's ``cache_seqlens``
+                 or a paged kernel, can promise this)
+===============  =============================================================
+
+The spec itself takes more than a candidate can be handed today
+(:data:`SPEC_ONLY_FEATURES`): a boolean ``mask``, an additive ``bias``,
+``sink_logits``, ``sink_tokens`` beside a window, NaN in slots some queries
+see (``seen_nan``) and problems without queries (``no_queries``). The test
+suite and ``refattn verify`` draw those too.
+
+Always drawn: batch 1 to 3, Sq < Sk, Sq = Sk and Sq > Sk, head dims that are
+not powers of two, a value dim different from the key dim, and explicit
+scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from refattn.testing.problems import ProblemSpec
+
+#: Every feature ``check_attention`` can draw and hand to a candidate.
+FEATURES = (
+    "causal",
+    "gqa",
+    "positions",
+    "empty_slots",
+    "window",
+    "softcap",
+    "alibi",
+    "lse",
+    "long",
+    "large_logits",
+    "unseen_nan",
+)
+#: What the spec takes but a candidate cannot yet be handed.
+SPEC_ONLY_FEATURES = ("mask", "bias", "sink_logits", "sink_tokens", "seen_nan", "no_queries")
+#: Everything the spec takes.
+ALL_FEATURES = frozenset(FEATURES) | frozenset(SPEC_ONLY_FEATURES)
+#: What ``check_attention`` draws when ``features`` is None: everything but ``unseen_nan``.
+DEFAULT_FEATURES = frozenset(FEATURES) - {"unseen_nan"}
+
+HEAD_DIMS = (8, 1, 3, 13, 16, 24, 40, 64, 80, 128)  # the first is where shrinking goes
+SOFTCAPS = (1.0, 5.0, 20.0, 50.0)
+
+Choice = TypeVar("Choice")
+
+
+class Draws(Protocol):
+    """A source of random choices; the first option and the low end shrink best."""
+
+    def integer(self, low: int, high: int) -> int:
+        """An integer in [low, high]."""
+        ...
+
+    def choice(self, options: Sequence[Choice]) -> Choice:
+        """One of ``options``."""
+        ...
+
+    def flag(self) -> bool:
+        """True or False."""
+        ...
+
+    def real(self, low: float, high: float) -> float:
+        """A float in [low, high]."""
+        ...
+
+
+class NumpyDraws:
+    """Draws from a NumPy generator: repeatable from its seed, no shrinking."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def integer(self, low: int, high: int) -> int:
+        return int(self.rng.integers(low, high + 1))
+
+    def choice(self, options: Sequence[Choice]) -> Choice:
+        return options[int(self.rng.integers(len(options)))]
+
+    def flag(self) -> bool:
+        return bool(self.rng.integers(2))
+
+    def real(self, low: float, high: float) -> float:
+        return float(self.rng.uniform(low, high))
+
+
+def resolve_features(
+    features: Iterable[str] | None, *, allowed: Iterable[str] = FEATURES
+) -> frozenset[str]:
+    """``features`` as a set, checked against ``allowed``; None means :data:`DEFAULT_FEATURES`.
+
+    >>> sorted(resolve_features({"causal", "gqa"}))
+    ['causal', 'gqa']
+    >>> resolve_features({"mask"})
+    Traceback (most recent call last):
+    ...
+    ValueError: features must be drawn from ('causal', 'gqa', 'positions', 'empty_slots', 'window', 'softcap', 'alibi', 'lse', 'long', 'large_logits', 'unseen_nan'); got unknown ['mask'] (the spec takes it, but a candidate cannot yet be handed it)
+    """  # noqa: E501
+    if features is None:
+        return DEFAULT_FEATURES
+    if isinstance(features, str):
+        raise TypeError(f"features must be a collection of names, not the string {features!r}")
+    chosen, allowed = frozenset(features), tuple(allowed)
+    unknown = sorted(chosen - set(allowed))
+    if unknown:
+        spec_only = set(unknown) <= set(SPEC_ONLY_FEATURES)
+        why = " (the spec takes it, but a candidate cannot yet be handed it)" if spec_only else ""
+        raise ValueError(f"features must be drawn from {allowed}; got unknown {unknown}{why}")
+    return chosen
+
+
+def features_of(spec: ProblemSpec) -> frozenset[str]:
+    """The features a spec exercises (the per-feature counts of a report)."""
+    tags = {
+        "causal": spec.causal,
+        "gqa": spec.q_heads > spec.kv_heads,
+        "positions": spec.layout in ("top_left", "staggered", "ragged", "left_padded", "scattered"),
+        "empty_slots": spec.layout in ("holes", "ragged", "left_padded", "scattered")
+        or spec.k_len == 0,
+        "window": spec.window is not None,
+        "softcap": spec.softcap is not None,
+        "alibi": spec.alibi,
+        "lse": spec.return_lse,
+        "long": spec.k_len >= 64,
+        "large_logits": spec.logit_size >= 1e3,
+        "unseen_nan": spec.unseen_nan,
+        "mask": spec.mask,
+        "bias": spec.bias,
+        "sink_logits": spec.sink_logits,
+        "sink_tokens": spec.sink_tokens > 0,
+        "seen_nan": spec.seen_nan,
+        "no_queries": spec.q_len == 0,
+    }
+    return frozenset(name for name, on in tags.items() if on)
+
+
+def layouts(features: frozenset[str]) -> list[str]:
+    """The position layouts (:data:`~refattn.testing.problems.LAYOUTS`) the features allow."""
+    chosen = ["bottom_right"]
+    if "positions" in features:
+        chosen += ["top_left", "staggered"]
+    if "empty_slots" in features:
+        chosen += ["holes"]
+    if {"positions", "empty_slots"} <= features:
+        chosen += ["ragged", "left_padded", "scattered"]
+    return chosen
+
+
+def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> ProblemSpec:
+    """An attention problem with only ``features`` switched on (each maybe, by the draw).
+
+    Short rows have up to ``max_len`` queries and keys; with ``long``, about
+    one problem in six has 64 to 1024 keys and at most 4 queries.
+
+    >>> rng = np.random.default_rng(0)
+    >>> spec = draw_spec(NumpyDraws(rng), frozenset({"causal"}))
+    >>> spec.window is None and spec.layout == "bottom_right" and not spec.alibi
+    True
+    """
+    on = features
+    kv_heads = draws.integer(1, 3)
+    groups = draws.integer(1, 4) if "gqa" in on else 1
+    if "long" in on and draws.integer(0, 5) == 5:
+        batch, k_len, q_len = 1, draws.integer(64, 1024), draws.integer(1, 4)
+    else:
+        batch = draws.integer(1, 3)
+        k_len = draws.integer(0 if "empty_slots" in on else 1, max_len)
+        q_len = draws.integer(0 if "no_queries" in on else 1, max_len)
+    head_dim = draws.choice(HEAD_DIMS)
+    window = None
+    if "window" in on and draws.flag():
+        window = draws.integer(1, k_len + 2)
+    softcap = None
+    if "softcap" in on and draws.flag():
+        softcap = draws.choice(SOFTCAPS) if draws.flag() else draws.real(0.5, 50.0)
+    return ProblemSpec(
+        batch=batch,
+        q_heads=kv_heads * groups,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        head_dim=head_dim,
+        value_dim=draws.choice((head_dim, *HEAD_DIMS[:4])),
+        causal="causal" in on and draws.flag(),
+        layout=draws.choice(layouts(on)),
+        window=window,
+        sink_tokens=draws.integer(1, 3) if "sink_tokens" in on and draws.flag() else 0,
+        softcap=softcap,
+        alibi="alibi" in on and draws.flag(),
+        sink_logits="sink_logits" in on and draws.flag(),
+        mask="mask" in on and draws.flag(),
+        bias="bias" in on and draws.flag(),
+        scale=draws.real(0.05, 2.0) if draws.flag() else None,
+        logit_size=draws.choice((1.0, 30.0, 1e4) if "large_logits" in on else (1.0, 30.0)),
+        unseen_nan="unseen_nan" in on and draws.flag(),
+        seen_nan="seen_nan" in on and draws.flag(),
+        return_lse="lse" in on and draws.flag(),
+        seed=draws.integer(0, 2**32 - 1),
+    )
+
+
+def draw_steps(
+    draws: Draws, lengths: Sequence[int], *, max_chunk: int = 6
+) -> list[tuple[int, list[int]]]:
+    """A ragged decoding schedule: steps ``(T, n_new)`` taking row b through ``lengths[b]`` tokens.
+
+    At each step row b takes ``n_new[b] <= T`` real tokens; the first step may
+    be as long as the longest row (a prefill), later ones at most
+    ``max_chunk`` (decode steps and chunks); a row may take none at a step.
+
+    >>> steps = draw_steps(NumpyDraws(np.random.default_rng(1)), [5, 3])
+    >>> [sum(n[b] for _, n in steps) for b in range(2)]
+    [5, 3]
+    """
+    left = list(lengths)
+    steps: list[tuple[int, list[int]]] = []
+    while any(left):
+        T = draws.integer(1, max(left) if not steps else max_chunk)
+        n = [draws.integer(0, min(T, r)) if r else 0 for r in left]
+        if not any(n):  # every row waited: the longest takes what it can
+            b = max(range(len(left)), key=lambda i: left[i])
+            n[b] = min(T, left[b])
+        steps.append((T, n))
+        left = [r - m for r, m in zip(left, n, strict=True)]
+    return steps

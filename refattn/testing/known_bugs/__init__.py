@@ -1,0 +1,22 @@
+"""Kernels and caches with one realistic bug each, and correct ones written differently.
+
+Every wrong kernel (:mod:`.attention`) is a textbook attention with one line
+changed the way kernel authors get it wrong; every wrong cache
+(:mod:`.caches`) a small cache as users write one, with one mistake. Each bug
+has been reported against some real library. ``check_attention`` and
+``check_cache`` must fail every wrong one and pass the correct ones, which is
+how a verdict is tried before it is trusted; point the verifier at them to
+see what a failure report looks like::
+
+    refattn verify --candidate refattn.testing.known_bugs.attention:causal_excludes_diagonal
+
+:data:`WRONG_KERNELS` maps each wrong kernel's name to the kernel and the
+dtypes its bug shows in; :data:`CORRECT_KERNELS`, :data:`WRONG_CACHES` and
+:data:`CORRECT_CACHES` the others.
+"""
+
+from refattn.testing.known_bugs.attention import CORRECT as CORRECT_KERNELS
+from refattn.testing.known_bugs.attention import WRONG as WRONG_KERNELS
+from refattn.testing.known_bugs.caches import CORRECT_CACHES, WRONG_CACHES
+
+__all__ = ["CORRECT_CACHES", "CORRECT_KERNELS", "WRONG_CACHES", "WRONG_KERNELS"]
