@@ -56,22 +56,11 @@ from typing import Any, cast
 import numpy as np
 
 import refattn
+from refattn.testing.tolerance import ROUNDING_EPS, rounding_tolerance
 
 #: Tokens the cached run reads in its one prefill pass before decoding.
 PREFILL = 3
-#: ``np.allclose``'s rtol and atol, in machine epsilons of the dtype: the outputs are
-#: of order 1, and rounding moves them by a few epsilons.
-ALLCLOSE_EPS = 100
 DTYPES = ("float32", "float64")
-
-
-def allclose_tolerance(dtype: Any) -> float:
-    """The rtol and atol of ``np.allclose`` for outputs in ``dtype``.
-
-    >>> allclose_tolerance(np.float32)
-    1.1920928955078125e-05
-    """
-    return ALLCLOSE_EPS * float(np.finfo(dtype).eps)
 
 
 # -- the layer ------------------------------------------------------------------
@@ -441,7 +430,7 @@ def prefix_rows(layer: CausalSelfAttention, x: np.ndarray) -> tuple[int, int, fl
     t = 1..T-1: rows differing in some bit, rows compared, the largest difference, and
     whether all are ``np.allclose``."""
     T = x.shape[1]
-    tol = allclose_tolerance(x.dtype)
+    tol = rounding_tolerance(x.dtype)
     whole = attention_layer_full(layer, x)  # (B, T, C)
     differing, compared, largest, close = 0, 0, 0.0, True
     for t in range(1, T):
@@ -575,12 +564,12 @@ def say(text: str, indent: int = 4) -> None:
 
 
 def report_agreement(full: np.ndarray, cached: np.ndarray) -> None:
-    tol = allclose_tolerance(full.dtype)
+    tol = rounding_tolerance(full.dtype)
     close = np.allclose(cached, full, rtol=tol, atol=tol)
     largest = np.max(np.abs(cached - full))
     print("(a) The two runs agree to rounding")
     say(f"np.allclose(cached, full, rtol={tol:.3g}, atol={tol:.3g}): {close}")
-    say(f"(rtol = atol = {ALLCLOSE_EPS} machine epsilons of {full.dtype})")
+    say(f"(rtol = atol = {ROUNDING_EPS} machine epsilons of {full.dtype})")
     say(
         f"max |cached - full| = {largest:.3g}, {ulps(cached, full):.2g} ulp of the largest "
         f"output ({np.max(np.abs(full)):.3g})"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -30,7 +30,11 @@ def qkv(draw: st.DrawFn) -> QKV:
 
 
 def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """PyTorch's SDPA on NumPy arrays (an ``attn_mask`` too); the test skips without torch."""
+    torch = pytest.importorskip("torch")
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    if isinstance(kwargs.get("attn_mask"), np.ndarray):
+        kwargs["attn_mask"] = torch.from_numpy(kwargs["attn_mask"])
     out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **kwargs)
     return out.numpy()
 
@@ -54,7 +58,7 @@ def test_boolean_mask_means_keep_as_in_sdpa(tensors: QKV, data: st.DataObject) -
     mask = rng.random((b, hq, sq, k.shape[2])) < 0.7
     mask[..., 0] = True  # SDPA has no policy for empty rows worth comparing here
     ours = attention(q, k, v, mask=mask)
-    theirs = _sdpa(q, k, v, attn_mask=torch.from_numpy(mask))
+    theirs = _sdpa(q, k, v, attn_mask=mask)
     np.testing.assert_allclose(ours, theirs, atol=1e-12)
 
 

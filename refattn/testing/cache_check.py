@@ -8,10 +8,11 @@ or ``(k, v, k_pos)``; the step's queries, at positions ``t0 .. t0+T-1``, then
 attend causally to what came back (with ``k_pos``, or ``0 .. n-1`` when the
 cache returns none). Stacked, the steps' outputs must equal the oracle's
 causal attention over the whole history (windowed, with sinks, for a cache
-that keeps a window) by DESIGN's tolerance rule; a quantizing cache gets
-:func:`~refattn.testing.tolerance.quantized_error_bound` on top.
+that keeps a window) by the tolerance rule of :mod:`refattn.testing.tolerance`;
+a quantizing cache gets :func:`~refattn.testing.tolerance.quantized_error_bound`
+on top. The decoding itself is the driver of :mod:`refattn.testing.decoding`.
 
-The checker plays a demanding caller: it reuses its input buffers, and fills
+The driver plays a demanding caller: it reuses its input buffers, and fills
 them with NaN as soon as ``update`` returns, so a cache that keeps a view of
 its inputs instead of a copy shows NaN.
 """

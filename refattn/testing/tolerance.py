@@ -1,8 +1,11 @@
 r"""How close is close enough: every tolerance refattn uses, in one place.
 
-Two rules, both measured against an oracle computed in float64 on the inputs
+Two rules measured against an oracle computed in float64 on the inputs
 rounded to the dtype under test (rounding the inputs is the caller's choice,
-not an error of the implementation, so it is not charged to it).
+not an error of the implementation, so it is not charged to it), and, at the
+end of this module, the ``np.allclose`` tolerances with which two runs of the
+same computation are said to agree without an oracle (``refattn bench``'s
+output check, the seed experiment's cached-against-uncached comparison).
 
 **The spec's own error bound.** A forward error analysis of the spec's
 algorithm in compute precision :math:`u_c` (unit roundoff; float32 for
@@ -27,7 +30,7 @@ a factor within :math:`e^{\pm 2E_s}` moves the output by at most
 its logits. Without the weights, :math:`\sigma = \max|v|`. Every backend runs
 the same algorithm, so every backend must meet this bound.
 
-**The cross-implementation rule** (``../DESIGN``'s rule, as flash-attn's tests
+**The cross-implementation rule** (refattn's design rule, as flash-attn's tests
 use it): a candidate in dtype :math:`t` passes when
 
 .. math::
@@ -239,3 +242,19 @@ def quantized_error_bound(
     q_l1 = float(np.abs(q).sum(axis=-1).max(initial=0.0))
     e = abs(scale) * q_l1 * finite_max_abs(k) * step
     return (math.expm1(min(2 * e, 50.0)) + step) * finite_max_abs(v)
+
+
+#: ``np.allclose``'s rtol and atol for two runs of one computation in the same dtype,
+#: in machine epsilons: outputs of order 1, which rounding moves by a few epsilons
+#: (the seed experiment's cached and uncached passes).
+ROUNDING_EPS = 100
+
+
+def rounding_tolerance(dtype: Any) -> float:
+    """The rtol and atol of ``np.allclose`` for two runs in ``dtype`` that differ only
+    in the order they round (:data:`ROUNDING_EPS` machine epsilons).
+
+    >>> rounding_tolerance(np.float32)
+    1.1920928955078125e-05
+    """
+    return ROUNDING_EPS * float(np.finfo(dtype).eps)

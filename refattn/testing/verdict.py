@@ -1,6 +1,6 @@
 r"""The verdict on one problem: what the oracle says, and how far a candidate may be from it.
 
-DESIGN's tolerance rule (:mod:`refattn.testing.tolerance`): with the inputs
+The tolerance rule of :mod:`refattn.testing.tolerance`: with the inputs
 rounded to the dtype :math:`t` under test, the oracle is the spec in float64
 on NumPy and :math:`\text{spec}_t` the spec on NumPy in :math:`t`;
 
@@ -56,7 +56,7 @@ def allowance(
     """The oracle's ``out`` and ``lse`` for a problem, and the errors a candidate may make.
 
     ``arrays`` are float64 NumPy, already rounded to ``dtype``. The allowance
-    is DESIGN's rule, ``k * |spec_t - oracle| + atol``, where the spec's error
+    is the cross-implementation rule, ``k * |spec_t - oracle| + atol``, where the spec's error
     is the largest over :data:`ROUNDING_ORDERS`, correct evaluations in
     ``dtype`` that round in different orders. One order alone can be luckily
     exact on a row whose best keys nearly tie under scores near 1e4, where a
