@@ -30,6 +30,7 @@ and ``lse = log(Z)``. A row with nothing in its denominator gives ``out = 0`` an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -187,11 +188,56 @@ def oracle_attention(
     >>> round(float(lse[0, 0, 0]), 6)
     1.098612
     """
-    qf = _to_float64(q, "q")
-    kf = _to_float64(k, "k")
-    vf = _to_float64(v, "v")
+    call = _read_call(
+        q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, scale=scale,
+        window=window, sink_tokens=sink_tokens, softcap=softcap, alibi_slopes=alibi_slopes,
+        sink_logits=sink_logits,
+    )  # fmt: skip
+    n_batch, n_qheads, n_queries, _ = call.q.shape
+    n_keys, d_v = call.v.shape[2], call.v.shape[3]
+    out = np.zeros((n_batch, n_qheads, n_queries, d_v), dtype=np.float64)
+    probs = np.zeros((n_batch, n_qheads, n_queries, n_keys), dtype=np.float64)
+    lse = np.empty((n_batch, n_qheads, n_queries), dtype=np.float64)
+    # inf/NaN in *visible* inputs are allowed to propagate; silence the
+    # floating-point warnings NumPy would raise while they do.
+    with np.errstate(all="ignore"):
+        for b in range(n_batch):
+            for h in range(n_qheads):
+                for i in range(n_queries):
+                    visible, scores = _visible_scores(call, b, h, i)
+                    out[b, h, i], lse[b, h, i], weights = _softmax_row(call, b, h, visible, scores)
+                    probs[b, h, i, visible] = weights
+    if return_weights:
+        return out, lse, probs
+    return out, lse
 
-    # ---- shapes -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Call:
+    """The inputs of one oracle call, checked, in float64, every optional one broadcast."""
+
+    q: npt.NDArray[np.float64]  # (B, Hq, Sq, D)
+    k: npt.NDArray[np.float64]  # (B, Hkv, Sk, D)
+    v: npt.NDArray[np.float64]  # (B, Hkv, Sk, Dv)
+    q_pos: list[list[int]]  # Python ints, so differences cannot overflow
+    k_pos: list[list[int]]
+    mask: Any  # (B, Hq, Sq, Sk) bool or None
+    bias: Any  # (B, Hq, Sq, Sk) float64 or None
+    slopes: Any  # (B, Hq) float64 or None
+    sinks: Any  # (Hq,) float64 or None
+    scale: float
+    causal: bool
+    window: int | None
+    sink_tokens: int
+    softcap: float | None
+    group: int  # query heads per KV head
+
+
+def _read_call(q: Any, k: Any, v: Any, *, causal: bool, q_pos: Any, k_pos: Any, mask: Any,
+               bias: Any, scale: float | None, window: int | None, sink_tokens: int,
+               softcap: float | None, alibi_slopes: Any, sink_logits: Any) -> _Call:  # fmt: skip
+    """Check the shapes, convert to float64 and Python ints, broadcast the optional arrays."""
+    qf, kf, vf = _to_float64(q, "q"), _to_float64(k, "k"), _to_float64(v, "v")
     if qf.ndim != 4 or kf.ndim != 4 or vf.ndim != 4:
         raise ValueError("q, k and v must all be 4-D (B, H, S, D)")
     n_batch, n_qheads, n_queries, d_qk = qf.shape
@@ -202,121 +248,82 @@ def oracle_attention(
         raise ValueError(f"q has head dim {d_qk} but k has {d_k}")
     if vf.shape[1] != n_kvheads or vf.shape[2] != n_keys:
         raise ValueError("v must have the same heads and length as k")
-    d_v = vf.shape[3]
     if n_kvheads == 0 or n_qheads % n_kvheads != 0:
         raise ValueError(f"Hq={n_qheads} is not a multiple of Hkv={n_kvheads}")
-    group = n_qheads // n_kvheads
-
-    # ---- scalars ------------------------------------------------------------
-    if scale is None:
-        if d_qk == 0:
-            raise ValueError("the default scale 1/sqrt(D) needs D > 0")
-        scale_f = 1.0 / math.sqrt(d_qk)
-    else:
-        scale_f = float(scale)
-    cap = None if softcap is None else float(softcap)
-    win = None if window is None else int(window)
-
-    # ---- positions (Python ints, so differences cannot overflow) ------------
-    qp_rows = _positions(
-        q_pos, n_batch, n_queries, [n_keys - n_queries + i for i in range(n_queries)], "q_pos"
-    )
-    kp_rows = _positions(k_pos, n_batch, n_keys, list(range(n_keys)), "k_pos")
-
-    # ---- broadcast the optional per-score and per-head inputs once ----------
+    if scale is None and d_qk == 0:
+        raise ValueError("the default scale 1/sqrt(D) needs D > 0")
     full = (n_batch, n_qheads, n_queries, n_keys)
-    mask_b = None if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), full)
-    bias_b = None if bias is None else np.broadcast_to(_to_float64(bias, "bias"), full)
-    slopes_b = (
-        None
-        if alibi_slopes is None
-        else np.broadcast_to(_to_float64(alibi_slopes, "alibi_slopes"), (n_batch, n_qheads))
-    )
-    sinks_b = (
-        None
-        if sink_logits is None
-        else np.broadcast_to(_to_float64(sink_logits, "sink_logits"), (n_qheads,))
-    )
+    return _Call(
+        q=qf,
+        k=kf,
+        v=vf,
+        q_pos=_positions(q_pos, n_batch, n_queries,
+                         [n_keys - n_queries + i for i in range(n_queries)], "q_pos"),
+        k_pos=_positions(k_pos, n_batch, n_keys, list(range(n_keys)), "k_pos"),
+        mask=None if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), full),
+        bias=None if bias is None else np.broadcast_to(_to_float64(bias, "bias"), full),
+        slopes=None if alibi_slopes is None else np.broadcast_to(
+            _to_float64(alibi_slopes, "alibi_slopes"), (n_batch, n_qheads)),
+        sinks=None if sink_logits is None else np.broadcast_to(
+            _to_float64(sink_logits, "sink_logits"), (n_qheads,)),
+        scale=1.0 / math.sqrt(d_qk) if scale is None else float(scale),
+        causal=causal,
+        window=None if window is None else int(window),
+        sink_tokens=sink_tokens,
+        softcap=None if softcap is None else float(softcap),
+        group=n_qheads // n_kvheads,
+    )  # fmt: skip
 
-    out = np.zeros((n_batch, n_qheads, n_queries, d_v), dtype=np.float64)
-    probs = np.zeros((n_batch, n_qheads, n_queries, n_keys), dtype=np.float64)
-    lse = np.empty((n_batch, n_qheads, n_queries), dtype=np.float64)
 
-    # inf/NaN in *visible* inputs are allowed to propagate; silence the
-    # floating-point warnings NumPy would raise while they do.
-    with np.errstate(all="ignore"):
-        for b in range(n_batch):
-            qp_row = qp_rows[b]
-            kp_row = kp_rows[b]
-            for h in range(n_qheads):
-                hk = h // group
-                k_rows = list(kf[b, hk])  # k_rows[j] is the key vector of slot j
-                v_mat = vf[b, hk]  # v_mat[j] is the value vector of slot j
-                sink = None if sinks_b is None else float(sinks_b[h])
-                slope = None if slopes_b is None else float(slopes_b[b, h])
-                for i in range(n_queries):
-                    qpos = qp_row[i]
-                    q_vec = qf[b, h, i]
-                    mask_row = None if mask_b is None else mask_b[b, h, i].tolist()
-                    bias_row = None if bias_b is None else bias_b[b, h, i].tolist()
+def _visible_scores(call: _Call, b: int, h: int, i: int) -> tuple[list[int], list[float]]:
+    """Pass 1 for query i of head h, row b: the visible key slots and their scores."""
+    hk = h // call.group
+    qpos = call.q_pos[b][i]
+    visible: list[int] = []
+    scores: list[float] = []
+    for j, kpos in enumerate(call.k_pos[b]):
+        if kpos < 0:
+            continue
+        if call.causal and kpos > qpos:
+            continue
+        outside_window = call.window is not None and not (qpos - kpos < call.window)
+        if outside_window and not kpos < call.sink_tokens:
+            continue
+        if call.mask is not None and not call.mask[b, h, i, j]:
+            continue
+        # Elementwise products, not BLAS: some BLAS kernels skip zero
+        # factors, which would hide a NaN that IEEE arithmetic keeps.
+        s = call.scale * float(np.sum(call.q[b, h, i] * call.k[b, hk, j]))
+        if call.softcap is not None:
+            s = call.softcap * math.tanh(s / call.softcap)
+        if call.slopes is not None:
+            s -= float(call.slopes[b, h]) * abs(qpos - kpos)
+        if call.bias is not None:
+            s += float(call.bias[b, h, i, j])
+        visible.append(j)
+        scores.append(s)
+    return visible, scores
 
-                    # Pass 1: the visible keys and their scores.
-                    visible: list[int] = []
-                    scores: list[float] = []
-                    for j in range(n_keys):
-                        kpos = kp_row[j]
-                        if kpos < 0:
-                            continue
-                        if causal and kpos > qpos:
-                            continue
-                        outside_window = win is not None and not (qpos - kpos < win)
-                        if outside_window and not kpos < sink_tokens:
-                            continue
-                        if mask_row is not None and not mask_row[j]:
-                            continue
-                        # Elementwise products, not BLAS: some BLAS kernels skip zero
-                        # factors, which would hide a NaN that IEEE arithmetic keeps.
-                        s = scale_f * float(np.sum(q_vec * k_rows[j]))
-                        if cap is not None:
-                            s = cap * math.tanh(s / cap)
-                        if slope is not None:
-                            s -= slope * abs(qpos - kpos)
-                        if bias_row is not None:
-                            s += bias_row[j]
-                        visible.append(j)
-                        scores.append(s)
 
-                    # Terms of the softmax denominator: the scores and the sink.
-                    terms = scores + ([] if sink is None else [sink])
-                    if not terms:
-                        # No visible key and no sink: empty softmax.
-                        out[b, h, i] = 0.0
-                        lse[b, h, i] = -math.inf
-                        continue
-                    # np.max propagates NaN, unlike the builtin max.
-                    m = float(np.max(np.array(terms, dtype=np.float64)))
-                    if m == -math.inf:
-                        # Every term is exp(-inf) = 0: the denominator is 0.
-                        out[b, h, i] = 0.0
-                        lse[b, h, i] = -math.inf
-                        continue
-
-                    # Pass 2: shifted exponentials and their sum.
-                    weights = [math.exp(s - m) for s in scores]
-                    z = sum(weights)
-                    if sink is not None:
-                        z += math.exp(sink - m)
-                    # Weighted sum of the visible value rows only, sum_j weights[j] * v_j,
-                    # elementwise for the same reason as the scores.
-                    if visible:
-                        w = np.array(weights, dtype=np.float64)
-                        acc = np.sum(w[:, None] * v_mat[visible], axis=0)
-                        out[b, h, i] = acc / z
-                        probs[b, h, i, visible] = np.array(weights) / z
-                    else:
-                        out[b, h, i] = 0.0
-                    lse[b, h, i] = m + math.log(z)
-
-    if return_weights:
-        return out, lse, probs
-    return out, lse
+def _softmax_row(call: _Call, b: int, h: int, visible: list[int],
+                 scores: list[float]) -> tuple[Any, float, list[float]]:  # fmt: skip
+    """Pass 2: (output vector, lse, weights of the visible keys) from the visible scores."""
+    sink = None if call.sinks is None else float(call.sinks[h])
+    terms = scores + ([] if sink is None else [sink])  # the softmax denominator's terms
+    if not terms:
+        return 0.0, -math.inf, []  # no visible key and no sink: empty softmax
+    # np.max propagates NaN, unlike the builtin max.
+    m = float(np.max(np.array(terms, dtype=np.float64)))
+    if m == -math.inf:
+        return 0.0, -math.inf, [0.0] * len(visible)  # every term is exp(-inf) = 0
+    weights = [math.exp(s - m) for s in scores]
+    z = sum(weights)
+    if sink is not None:
+        z += math.exp(sink - m)
+    if not visible:
+        return 0.0, m + math.log(z), []
+    # Weighted sum of the visible value rows only, sum_j weights[j] * v_j,
+    # elementwise for the same reason as the scores.
+    w = np.array(weights, dtype=np.float64)
+    v_rows = call.v[b, h // call.group][visible]
+    return np.sum(w[:, None] * v_rows, axis=0) / z, m + math.log(z), list(w / z)
