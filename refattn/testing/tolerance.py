@@ -69,15 +69,10 @@ from typing import Any
 
 import numpy as np
 
+from refattn.namespace import compute_dtype_name
+
 #: Unit roundoff (half the machine epsilon) of each dtype.
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-#: The dtype the spec computes in for each input dtype.
-COMPUTE_DTYPE = {
-    "float64": "float64",
-    "float32": "float32",
-    "float16": "float32",
-    "bfloat16": "float32",
-}
 #: Safety factor on the first-order error bound.
 SAFETY = 2.0
 
@@ -133,7 +128,7 @@ def spec_error_bound(
         spread is ``max|v|``
     """
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    u_c = UNIT_ROUNDOFF[COMPUTE_DTYPE[dtype]]
+    u_c = UNIT_ROUNDOFF[compute_dtype_name(dtype)]  # the spec's precision policy
     u_t = UNIT_ROUNDOFF[dtype]
     D, Sk = q.shape[-1], k.shape[-2]
     if scale is None:
