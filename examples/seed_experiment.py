@@ -604,7 +604,12 @@ def report_bits(
             f"Bit-equal for T = {', '.join(map(str, equal))}: there the cached run is the prefill "
             "alone, which computes the full pass's own products."
         )
+    report_stages(layer, x)
 
+
+def report_stages(layer: CausalSelfAttention, x: np.ndarray) -> None:
+    """Each stage of the last token, both ways from the same inputs, and the orders behind it."""
+    T = x.shape[1]
     t = T - 1
     norm, reproduced = normaliser_stage(layer, x)
     print()
