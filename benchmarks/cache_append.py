@@ -25,8 +25,9 @@ B, H, D = 1, 8, 64
 
 def make(kind: str, tokens: int) -> KVCache:
     """A cache of ``kind`` for ``tokens`` tokens; the sliding one keeps 1024 and 4 sinks."""
-    return make_cache(kind, batch=B, kv_heads=H, head_dim=D, capacity=tokens, window=1024,
-                      sink_tokens=4, block_size=16, dtype=np.float32)  # fmt: skip
+    own = {"sliding": {"window": 1024, "sink_tokens": 4}, "paged": {"block_size": 16}}
+    return make_cache(kind, batch=B, kv_heads=H, head_dim=D, max_len=tokens, dtype=np.float32,
+                      **own.get(kind, {}))  # fmt: skip
 
 
 def append_times(kind: str, tokens: int) -> list[float]:

@@ -35,7 +35,7 @@ def sweep(model: GPT, positions: list[int], repeats: int) -> list[tuple[int, flo
     rows = []
     for s in positions:
         prompt = [[(7 * i) % 256 for i in range(s)]]
-        caches = model.new_caches("static", batch=1, capacity=s + repeats + 1)
+        caches = model.new_caches("static", batch=1, max_len=s + repeats + 1)
         model(prompt, caches)  # the cache holds s tokens
 
         # Each call appends one token, so the calls see s to s + repeats - 1 keys.

@@ -70,7 +70,7 @@ def test_prefill_decode_and_cached_keys_match_transformers(family: str, seed: in
     hf = _hf_model(family, seed)
     ours = from_hf(hf)
     prompt = torch.tensor([[1, 7, 3, 9, 4, 2, 11]])
-    caches = ours.new_caches("dynamic", batch=1, capacity=32)
+    caches = ours.new_caches("dynamic", batch=1, max_len=32)
     logits, past = _step(hf, prompt, None)
     np.testing.assert_allclose(ours(prompt.numpy(), caches), logits, atol=ATOL, rtol=0)
     for token in [5, 8, 13, 21, 34, 1, 2, 3]:

@@ -2,7 +2,7 @@
 
 The oracle for logits is the same model in float64 without a cache, run once
 over the final tokens (teacher forcing). The float32 run with a cache must
-meet DESIGN's rule against it, with the float32 run without a cache as
+meet the cross-implementation rule (refattn.testing.tolerance) against it, with the float32 run without a cache as
 ``spec_t``: ``|cached - oracle| <= k |uncached - oracle| + atol max(1, |logits|)``.
 """
 
@@ -123,11 +123,11 @@ def test_sampling_is_seeded_and_top_k_keeps_to_the_k_best() -> None:
 @pytest.mark.parametrize("kind", ["dynamic", "static", "paged"])
 def test_legacy_layout_round_trips(kind: str) -> None:
     model = _random_model("llama", 3)
-    caches = model.new_caches(kind, batch=2, capacity=12)
+    caches = model.new_caches(kind, batch=2, max_len=12)
     model([[1, 2, 3, 4], [5, 6, 7, 8]], caches)
     past = caches.to_legacy()
     assert len(past) == 2 and past[0][0].shape == (2, 2, 4, 4)
-    again = LayerCaches.from_legacy(past, kind=kind, capacity=12)
+    again = LayerCaches.from_legacy(past, kind=kind, max_len=12)
     step_a = model([[9], [10]], caches)
     step_b = model([[9], [10]], again)
     np.testing.assert_array_equal(step_a, step_b)

@@ -8,13 +8,26 @@ queries attend to:
 
     k, v, k_pos = cache.update(k_new, v_new, n_new)   # k_new: (B, Hkv, T, D)
     q_pos = lengths_before[:, None] + arange(T)        # where the new queries sit
-    out = attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    out = attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos, **cache.attention_options)
 
 ``n_new[b]`` of the T new tokens are real in row b (the rest is right
 padding); each row appends its real tokens at its own end. Slots that hold no
 token report ``k_pos = -1`` and are invisible to attention, which is the whole
 interface between caches and attention: a cache knows positions, never
 attention.
+
+A cache that keeps only some of a row's keys says how its queries must look
+at the rest: :attr:`KVCache.attention_options` are the keyword arguments of
+:func:`refattn.attention` that the cache implies (``window`` and
+``sink_tokens`` for the ring of :class:`~refattn.caches.SlidingWindowCache`,
+nothing for the caches that keep every key). They are plain values, so the
+cache still imports no attention code, and code above the caches never needs
+to ask which kind it holds.
+
+The arrays that hold keys and values are named by the class attribute
+:attr:`KVCache.STORAGE` (``keys`` and ``values`` unless a kind stores them
+otherwise); :attr:`KVCache.nbytes` and anything else that needs a cache's
+storage finds it there.
 
 Every update is checked completely before anything is written, so a failed
 update (overflow, wrong shape, dtype, device or array library) raises a clear
@@ -25,11 +38,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import array_api_extra as xpx
 from array_api_compat import array_namespace, device
-from array_api_compat import device as _device_of
 
 from refattn.namespace import Array, Namespace, is_floating
 
@@ -41,7 +53,23 @@ class KVCache(ABC):
     ``kv_heads``, ``head_dim``, ``value_dim`` (default ``head_dim``), ``dtype``
     (default float32), ``device`` (default the library's) and ``xp`` (default
     NumPy).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refattn.caches import SlidingWindowCache, StaticCache
+    >>> StaticCache(batch=1, kv_heads=1, head_dim=2, max_len=4).attention_options
+    {}
+    >>> ring = SlidingWindowCache(batch=1, kv_heads=1, head_dim=2, window=3, sink_tokens=1)
+    >>> ring.attention_options
+    {'window': 3, 'sink_tokens': 1}
+    >>> StaticCache.STORAGE, StaticCache(batch=1, kv_heads=1, head_dim=2, max_len=4).nbytes
+    (('keys', 'values'), 64)
     """
+
+    #: Names of the attributes that hold the keys and values (what :attr:`nbytes`
+    #: counts); a kind that stores them otherwise names its own.
+    STORAGE: ClassVar[tuple[str, ...]] = ("keys", "values")
 
     def __init__(
         self,
@@ -69,7 +97,7 @@ class KVCache(ABC):
         if not is_floating(xp, self.dtype):
             raise TypeError(f"dtype must be a floating dtype; got {self.dtype}")
         # The library's default device unless one is named: every array is created there.
-        self.device = device if device is not None else _device_of(xp.zeros(0, dtype=self.dtype))
+        self.device = device if device is not None else _default_device(xp, self.dtype)
         self._lengths = [0] * batch
         self.keys: Array = None
         self.values: Array = None
@@ -100,9 +128,21 @@ class KVCache(ABC):
         return self.xp.asarray(self._lengths, dtype=self.xp.int64, device=self.device)
 
     @property
+    def attention_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`refattn.attention` that attending to this cache needs.
+
+        Empty for a cache that keeps every key; a cache that drops keys names
+        the window through which its queries must look, so that a chunk's
+        early queries do not see keys the cache keeps only for its later ones.
+        A new dict each time: changing it changes nothing in the cache.
+        """
+        return {}
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the keys and values held (positions and tables not counted)."""
-        return sum(_nbytes(self.xp, x) for x in self._storage())
+        """Bytes of the keys and values held (positions and tables not counted):
+        the arrays named by :attr:`STORAGE`."""
+        return sum(_nbytes(self.xp, getattr(self, name)) for name in self.STORAGE)
 
     def reset(self) -> None:
         """Empty every row."""
@@ -122,11 +162,6 @@ class KVCache(ABC):
     @abstractmethod
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         """Write n[b] real tokens of each row; inputs are already checked."""
-
-    def _storage(self) -> list[Array]:
-        """The arrays that hold keys and values, for nbytes (``keys`` and ``values``
-        unless a cache stores them otherwise)."""
-        return [self.keys, self.values]
 
     def _release_row(self, b: int) -> None:
         """Forget row b's tokens (its length is reset by the caller): with slot
@@ -192,6 +227,11 @@ class KVCache(ABC):
         start = xp.asarray(self._lengths, dtype=xp.int64, device=self.device)[:, None]  # (B, 1)
         real = i < xp.asarray(n, dtype=xp.int64, device=self.device)[:, None]  # (B, T)
         return xp.where(real, start + i, xp.asarray(-1, dtype=xp.int64, device=self.device))
+
+
+def _default_device(xp: Namespace, dtype: Any) -> Any:
+    """The device where ``xp`` creates arrays when none is named."""
+    return device(xp.zeros(0, dtype=dtype))
 
 
 def _counts(n_new: Array | Sequence[int] | None, batch: int, T: int) -> list[int]:

@@ -48,5 +48,6 @@ class CrossAttentionCache(DynamicCache):
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         """Store the encoder states in place of whatever a reset left behind."""
         self.positions = self._new_positions(n, k_new.shape[2])
-        self.keys, self.values = k_new, v_new
+        # Copies: a caller may reuse its buffers for the next input.
+        self.keys, self.values = (self.xp.asarray(x, copy=True) for x in (k_new, v_new))
         self._lengths = list(n)

@@ -1,12 +1,13 @@
 """Every cache kind by name, and one way to make an empty cache of a kind.
 
-The models (``refattn.models.LayerCaches``), the decoding tests and the
-verifier (``refattn.testing.decoding``) and the append benchmark all make
+The models (``refattn.models.LayerCaches``), the test suite and the self-check
+(through ``refattn.testing.decoding.cache_on``) and the append benchmark make
 their caches here, so a kind means the same cache everywhere.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from refattn.caches.base import KVCache
@@ -20,40 +21,48 @@ from refattn.caches.static import StaticCache
 #: The self-attention cache kinds, by name ("cross" is the cross-attention cache).
 KINDS = ("static", "dynamic", "sliding", "paged", "quantized")
 
+_CLASSES: dict[str, type[KVCache]] = {
+    "static": StaticCache,
+    "dynamic": DynamicCache,
+    "sliding": SlidingWindowCache,
+    "paged": PagedCache,
+    "quantized": QuantizedCache,
+    "cross": CrossAttentionCache,
+}
+_COMMON = ("batch", "kv_heads", "head_dim", "value_dim", "dtype", "device", "xp")
 
-def make_cache(
-    kind: str, *, batch: int, kv_heads: int, head_dim: int, capacity: int,
-    window: int | None = None, sink_tokens: int = 0, block_size: int = 16,
-    block_order: list[int] | None = None, bits: int = 8, dtype: Any = None, device: Any = None,
-    xp: Any = None,
-) -> KVCache:  # fmt: skip
-    """An empty cache of ``kind`` (one of :data:`KINDS`, or ``"cross"``).
 
-    ``capacity`` is the most tokens a row will hold: static and quantized
-    caches preallocate it, a paged cache gets enough blocks for every row to
-    reach it, and a sliding cache without a ``window`` keeps that many, so it
-    never drops a key. ``window`` and ``sink_tokens`` are the sliding cache's,
-    ``block_size`` and ``block_order`` the paged cache's, ``bits`` the quantized
-    cache's.
+def make_cache(kind: str, *, max_len: int, **arguments: Any) -> KVCache:
+    """An empty cache of ``kind`` (one of :data:`KINDS`, or ``"cross"``) whose rows will
+    hold at most ``max_len`` tokens.
 
-    >>> make_cache("paged", batch=2, kv_heads=1, head_dim=4, capacity=20, block_size=8).num_blocks
+    ``arguments`` are the keywords every cache takes (``batch``, ``kv_heads``,
+    ``head_dim``, ``dtype``, ...) and the kind's own, passed through with the
+    kind's own defaults. ``max_len`` is what each kind needs of it: static and
+    quantized caches preallocate it, a paged cache gets enough blocks for
+    every row to reach it, and a sliding cache without a ``window`` keeps that
+    many, so it never drops a key. A keyword the kind does not take is a
+    TypeError naming it.
+
+    >>> make_cache("paged", batch=2, kv_heads=1, head_dim=4, max_len=20, block_size=8).num_blocks
     6
+    >>> make_cache("static", batch=1, kv_heads=1, head_dim=4, max_len=8, window=4)
+    Traceback (most recent call last):
+    ...
+    TypeError: a static cache takes no window; its own keywords are ['max_len']
     """
-    common: dict[str, Any] = {"batch": batch, "kv_heads": kv_heads, "head_dim": head_dim,
-                              "dtype": dtype, "device": device, "xp": xp}  # fmt: skip
-    if kind == "static":
-        return StaticCache(**common, max_len=capacity)
-    if kind == "dynamic":
-        return DynamicCache(**common)
+    if kind not in _CLASSES:
+        raise ValueError(f"kind must be one of {(*KINDS, 'cross')}; got {kind!r}")
+    cls = _CLASSES[kind]
+    own = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "common")]
+    unknown = sorted(set(arguments) - set(own) - set(_COMMON))
+    if unknown:
+        raise TypeError(f"a {kind} cache takes no {', '.join(unknown)}; its own keywords are {own}")
     if kind == "sliding":
-        kept = capacity if window is None else window
-        return SlidingWindowCache(**common, window=kept, sink_tokens=sink_tokens)
+        arguments.setdefault("window", max_len)
     if kind == "paged":
-        blocks = batch * -(-capacity // block_size)
-        return PagedCache(**common, block_size=block_size, num_blocks=blocks,
-                          block_order=block_order)  # fmt: skip
-    if kind == "quantized":
-        return QuantizedCache(**common, max_len=capacity, bits=bits)
-    if kind == "cross":
-        return CrossAttentionCache(**common)
-    raise ValueError(f"kind must be one of {(*KINDS, 'cross')}; got {kind!r}")
+        block_size = arguments.setdefault("block_size", PagedCache.DEFAULT_BLOCK_SIZE)
+        arguments.setdefault("num_blocks", arguments["batch"] * -(-max_len // block_size))
+    if "max_len" in own:
+        arguments["max_len"] = max_len
+    return cls(**arguments)

@@ -4,7 +4,7 @@ FlashInfer), with prefix sharing by copy-on-write."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from refattn.caches.base import KVCache, _check_count, _check_row
 from refattn.namespace import Array
@@ -45,6 +45,10 @@ class PagedCache(KVCache):
     >>> cache.fork(0, 1); cache.block_table
     [[0, 1], [0, 1]]
     """
+
+    STORAGE: ClassVar[tuple[str, ...]] = ("key_blocks", "value_blocks")
+    #: The block size :func:`refattn.caches.make_cache` gives a paged cache when none is named.
+    DEFAULT_BLOCK_SIZE: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -165,9 +169,6 @@ class PagedCache(KVCache):
         for block in self.block_table[dst]:
             self.references[block] += 1
         self._lengths[dst] = self._lengths[src]
-
-    def _storage(self) -> list[Array]:
-        return [self.key_blocks, self.value_blocks]
 
     def _release_row(self, b: int) -> None:
         for block in self.block_table[b]:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from refattn.caches.base import KVCache, _check_count
+from refattn.caches.static import StaticCache
 from refattn.namespace import Array
 
 
-class QuantizedCache(KVCache):
+class QuantizedCache(StaticCache):
     r"""A static cache whose keys and values are stored as ``bits``-bit integers.
 
     Each token's key (and value) vector of one head, :math:`x \in \mathbb{R}^D`,
@@ -30,6 +30,10 @@ class QuantizedCache(KVCache):
     :math:`4 D` for a float16 static cache, a ratio of 0.53 at D = 64 and
     0.52 at D = 128.
 
+    Slots, positions, lengths and the room check are the static cache's: only
+    how one row's keys and values are stored (:meth:`_store`) and read back
+    (:meth:`view`) differ.
+
     Examples
     --------
     >>> import numpy as np
@@ -40,6 +44,8 @@ class QuantizedCache(KVCache):
     True
     """
 
+    STORAGE: ClassVar[tuple[str, ...]] = ("key_codes", "value_codes", "key_scales", "value_scales")
+
     def __init__(
         self,
         *,
@@ -47,19 +53,18 @@ class QuantizedCache(KVCache):
         bits: int = 8,
         **common: Any,
     ) -> None:
-        super().__init__(**common)
-        _check_count("max_len", max_len, minimum=1)
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"bits must be an integer in [2, 8]; got {bits!r}")
-        self.max_len, self.bits = max_len, bits
+        self.bits = bits
         self.q_max = 2 ** (bits - 1) - 1
-        xp, B, H = self.xp, self.batch, self.kv_heads
-        on = self.device
-        self.key_codes = xp.zeros((B, H, max_len, self.head_dim), dtype=xp.int8, device=on)
-        self.value_codes = xp.zeros((B, H, max_len, self.value_dim), dtype=xp.int8, device=on)
-        self.key_scales = xp.ones((B, H, max_len, 1), dtype=xp.float32, device=on)
-        self.value_scales = xp.ones((B, H, max_len, 1), dtype=xp.float32, device=on)
-        self.positions = xp.full((B, max_len), -1, dtype=xp.int64, device=on)
+        super().__init__(max_len=max_len, **common)
+
+    def _allocate(self) -> None:
+        xp, B, H, S, on = self.xp, self.batch, self.kv_heads, self.max_len, self.device
+        self.key_codes = xp.zeros((B, H, S, self.head_dim), dtype=xp.int8, device=on)
+        self.value_codes = xp.zeros((B, H, S, self.value_dim), dtype=xp.int8, device=on)
+        self.key_scales = xp.ones((B, H, S, 1), dtype=xp.float32, device=on)
+        self.value_scales = xp.ones((B, H, S, 1), dtype=xp.float32, device=on)
 
     def quantize(self, x: Array) -> tuple[Array, Array]:
         """Codes and scales of x (..., D): symmetric, one scale per vector."""
@@ -78,20 +83,14 @@ class QuantizedCache(KVCache):
         xp = self.xp
         return xp.astype(xp.astype(codes, xp.float32) * scale, self.dtype)
 
-    def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
-        self._check_room(n, self.max_len)
-        new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
-        for b in range(self.batch):
-            start, end = self._lengths[b], self._lengths[b] + n[b]
-            slots = (b, slice(None), slice(start, end), slice(None))
-            k_codes, k_scales = self.quantize(k_new[b, :, : n[b], :])  # real tokens only
-            v_codes, v_scales = self.quantize(v_new[b, :, : n[b], :])
-            self.key_codes = self._write(self.key_codes, slots, k_codes)
-            self.key_scales = self._write(self.key_scales, slots, k_scales)
-            self.value_codes = self._write(self.value_codes, slots, v_codes)
-            self.value_scales = self._write(self.value_scales, slots, v_scales)
-            self.positions = self._write(self.positions, (b, slice(start, end)), new_pos[b, : n[b]])
-            self._lengths[b] = end
+    def _store(self, slots: tuple[Any, ...], k: Array, v: Array) -> None:
+        """Quantize one row's new keys and values, (Hkv, n, D), into ``slots``."""
+        k_codes, k_scales = self.quantize(k)
+        v_codes, v_scales = self.quantize(v)
+        self.key_codes = self._write(self.key_codes, slots, k_codes)
+        self.key_scales = self._write(self.key_scales, slots, k_scales)
+        self.value_codes = self._write(self.value_codes, slots, v_codes)
+        self.value_scales = self._write(self.value_scales, slots, v_scales)
 
     def view(self) -> tuple[Array, Array, Array]:
         """The held slots, dequantized: (B, Hkv, max length, D) in the cache's dtype."""
@@ -99,6 +98,3 @@ class QuantizedCache(KVCache):
         k = self.dequantize(self.key_codes[:, :, :used, :], self.key_scales[:, :, :used, :])
         v = self.dequantize(self.value_codes[:, :, :used, :], self.value_scales[:, :, :used, :])
         return k, v, self.positions[:, :used]
-
-    def _storage(self) -> list[Array]:
-        return [self.key_codes, self.value_codes, self.key_scales, self.value_scales]

@@ -60,6 +60,12 @@ class SlidingWindowCache(KVCache):
         self.values = xp.zeros((B, H, slots, self.value_dim), dtype=self.dtype, device=self.device)
         self.positions = xp.full((B, slots), -1, dtype=xp.int64, device=self.device)
 
+    @property
+    def attention_options(self) -> dict[str, Any]:
+        """The ring keeps the sinks and the last ``window`` positions: its queries look
+        through that window (and a chunk's early queries must not see further)."""
+        return {"window": self.window, "sink_tokens": self.sink_tokens}
+
     def slot(self, position: int) -> int:
         """The slot that holds ``position`` (if it is still held)."""
         if position < self.sink_tokens:

@@ -38,21 +38,38 @@ class StaticCache(KVCache):
         super().__init__(**common)
         _check_count("max_len", max_len, minimum=1)
         self.max_len = max_len
-        xp, B, H = self.xp, self.batch, self.kv_heads
-        self.keys = xp.zeros((B, H, max_len, self.head_dim), dtype=self.dtype, device=self.device)
-        self.values = xp.zeros(
-            (B, H, max_len, self.value_dim), dtype=self.dtype, device=self.device
+        self._allocate()
+        self.positions = self.xp.full(
+            (self.batch, max_len), -1, dtype=self.xp.int64, device=self.device
         )
-        self.positions = xp.full((B, max_len), -1, dtype=xp.int64, device=self.device)
+
+    # -- what a kind that stores keys and values otherwise overrides ----------
+
+    def _allocate(self) -> None:
+        """Create the arrays named by :attr:`STORAGE`, ``max_len`` slots per row."""
+        xp, B, H, S = self.xp, self.batch, self.kv_heads, self.max_len
+        self.keys = xp.zeros((B, H, S, self.head_dim), dtype=self.dtype, device=self.device)
+        self.values = xp.zeros((B, H, S, self.value_dim), dtype=self.dtype, device=self.device)
+
+    def _store(self, slots: tuple[Any, ...], k: Array, v: Array) -> None:
+        """Write one row's new keys and values, (Hkv, n, D), into ``slots`` of the storage."""
+        self.keys = self._write(self.keys, slots, k)
+        self.values = self._write(self.values, slots, v)
+
+    # -- the row writes every in-place kind shares ----------------------------
 
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
+        """Row b's real tokens go to slots lengths[b] .. lengths[b] + n[b] - 1.
+
+        The room check comes before the first write, so an overflowing update
+        leaves every row as it was.
+        """
         self._check_room(n, self.max_len)
         new_pos = self._new_positions(n, k_new.shape[2])  # (B, T)
         for b in range(self.batch):
             start, end = self._lengths[b], self._lengths[b] + n[b]
             slots = (b, slice(None), slice(start, end), slice(None))
-            self.keys = self._write(self.keys, slots, k_new[b, :, : n[b], :])
-            self.values = self._write(self.values, slots, v_new[b, :, : n[b], :])
+            self._store(slots, k_new[b, :, : n[b], :], v_new[b, :, : n[b], :])  # real tokens only
             self.positions = self._write(self.positions, (b, slice(start, end)), new_pos[b, : n[b]])
             self._lengths[b] = end
 

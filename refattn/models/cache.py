@@ -25,16 +25,16 @@ class LayerCaches(Sequence[KVCache]):
     ----------
     kind : one of :data:`KINDS`
     layers, batch, kv_heads, head_dim : shapes
-    capacity : the most tokens a row will hold (static, paged and quantized
-        preallocate it)
-    window, sink_tokens : the sliding cache's window; without one it keeps
-        ``capacity`` tokens, so it never drops a key a full-attention model needs
-    block_size : the paged cache's block size
-    bits : the quantized cache's bits
+    max_len : the most tokens a row will hold (static, paged and quantized
+        preallocate it; a sliding cache without a window keeps that many, so it
+        never drops a key a full-attention model needs)
     dtype, device, xp : where the caches live
+    **options : the kind's own keywords (the sliding cache's ``window`` and
+        ``sink_tokens``, the paged cache's ``block_size``, the quantized cache's
+        ``bits``), with the kind's defaults (see :func:`refattn.caches.make_cache`)
 
     >>> import numpy as np
-    >>> caches = LayerCaches("static", layers=2, batch=1, kv_heads=1, head_dim=4, capacity=8)
+    >>> caches = LayerCaches("static", layers=2, batch=1, kv_heads=1, head_dim=4, max_len=8)
     >>> _ = caches[0].update(np.ones((1, 1, 3, 4), np.float32), np.ones((1, 1, 3, 4), np.float32))
     >>> caches[0].lengths.tolist(), len(caches)
     ([3], 2)
@@ -42,16 +42,15 @@ class LayerCaches(Sequence[KVCache]):
 
     def __init__(
         self, kind: str, *, layers: int, batch: int, kv_heads: int, head_dim: int,
-        capacity: int, window: int | None = None, sink_tokens: int = 0, block_size: int = 16,
-        bits: int = 8, dtype: Any = None, device: Any = None, xp: Namespace | None = None,
+        max_len: int, dtype: Any = None, device: Any = None, xp: Namespace | None = None,
+        **options: Any,
     ) -> None:  # fmt: skip
         if kind not in KINDS:
             raise ValueError(f"cache must be one of {KINDS}; got {kind!r}")
         self.kind = kind
         shape: dict[str, Any] = {
-            "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim, "capacity": capacity,
-            "window": window, "sink_tokens": sink_tokens, "block_size": block_size, "bits": bits,
-            "dtype": dtype, "device": device, "xp": xp,
+            "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim, "max_len": max_len,
+            "dtype": dtype, "device": device, "xp": xp, **options,
         }  # fmt: skip
         self.layers: list[KVCache] = [make_cache(kind, **shape) for _ in range(layers)]
 
@@ -85,7 +84,7 @@ class LayerCaches(Sequence[KVCache]):
         from array_api_compat import array_namespace, device
 
         xp = array_namespace(k0)
-        shape = {"capacity": S, **shape}
+        shape = {"max_len": S, **shape}
         caches = cls(kind, layers=len(past), batch=B, kv_heads=H, head_dim=D,
                      dtype=k0.dtype, device=device(k0), xp=xp, **shape)  # fmt: skip
         for cache, (k, v) in zip(caches, past, strict=True):

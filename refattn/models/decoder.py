@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from refattn.attention import attention
-from refattn.caches import KVCache, SlidingWindowCache
+from refattn.backends import to_numpy
+from refattn.caches import KVCache
 from refattn.models.cache import LayerCaches
 from refattn.namespace import Array, Namespace
 
@@ -90,23 +91,21 @@ class Decoder:
     def attend(self, q: Array, k: Array, v: Array, positions: Array, layer: KVCache | None,
                k_pos: Array | None, n_new: Sequence[int] | None) -> Array:  # fmt: skip
         """Causal attention of the new queries to the cache (or to each other)."""
-        window, sinks = self.window, 0
+        options: dict[str, Any] = {"window": self.window}
         if layer is not None:
             k, v, k_pos = layer.update(k, v, n_new)
-            if isinstance(layer, SlidingWindowCache):
-                window, sinks = layer.window, layer.sink_tokens
-        return attention(q, k, v, causal=True, q_pos=positions, k_pos=k_pos, window=window,
-                         sink_tokens=sinks)  # fmt: skip
+            options |= layer.attention_options  # a ring cache narrows what is seen to its own
+        return attention(q, k, v, causal=True, q_pos=positions, k_pos=k_pos, **options)
 
     # -- generation -----------------------------------------------------------
 
-    def new_caches(self, kind: str, *, batch: int, capacity: int, **options: Any) -> LayerCaches:
+    def new_caches(self, kind: str, *, batch: int, max_len: int, **options: Any) -> LayerCaches:
         """Empty caches of ``kind`` for this model (a sliding one keeps the model's window)."""
         if kind == "sliding" and self.window is not None:
             options = {"window": self.window, **options}
         return LayerCaches(
             kind, layers=self.n_layer, batch=batch, kv_heads=self.kv_heads,
-            head_dim=self.head_dim, capacity=capacity, dtype=self.dtype,
+            head_dim=self.head_dim, max_len=max_len, dtype=self.dtype,
             device=self.device, xp=self.xp, **options,
         )  # fmt: skip
 
@@ -152,8 +151,8 @@ class Decoder:
         chosen_from: list[np.ndarray] = []
         caches = None
         if use_cache:
-            capacity = max(len(p) for p in prompts) + max_new_tokens
-            caches = self.new_caches(cache, batch=len(prompts), capacity=capacity,
+            max_len = max(len(p) for p in prompts) + max_new_tokens
+            caches = self.new_caches(cache, batch=len(prompts), max_len=max_len,
                                      **cache_options)  # fmt: skip
         for step in range(max_new_tokens):
             if caches is None:  # the whole sequence again
@@ -163,7 +162,7 @@ class Decoder:
                 logits = self(_padded(tokens), caches, n_new=[len(t) for t in tokens])
                 last = _last(logits, [len(t) for t in tokens])
             else:  # decode: the last token of each row
-                last = _host(self.xp, self([[t[-1]] for t in tokens], caches)[:, -1, :])
+                last = _host(self([[t[-1]] for t in tokens], caches)[:, -1, :])
             chosen_from.append(last)
             for row, token in zip(tokens, _choose(last, temperature, top_k, rng), strict=True):
                 row.append(int(token))
@@ -200,19 +199,13 @@ def _padded(rows: list[list[int]]) -> list[list[int]]:
 
 def _last(logits: Array, lengths: list[int]) -> np.ndarray:
     """Each row's logits at its last real token, as float64 NumPy (B, V)."""
-    host = _host(None, logits)
+    host = _host(logits)
     return np.stack([host[b, n - 1] for b, n in enumerate(lengths)])
 
 
-def _host(xp: Namespace | None, x: Array) -> np.ndarray:
-    """Any library's array as float64 NumPy, without importing the library."""
-    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
-        x = x.get()
-    elif hasattr(x, "detach"):  # PyTorch
-        x = x.detach().cpu().double()
-    elif type(x).__module__.startswith("array_api_strict"):
-        x = x._array
-    return np.asarray(x, dtype=np.float64)
+def _host(x: Array) -> np.ndarray:
+    """Any library's array as float64 NumPy (through its backend adapter)."""
+    return np.asarray(to_numpy(x), dtype=np.float64)
 
 
 def _choose(

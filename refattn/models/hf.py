@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from refattn.backends import to_numpy
 from refattn.models.decoder import Decoder
 from refattn.models.gpt import GPT, GPTConfig
 from refattn.models.llama import Llama, LlamaConfig
@@ -102,8 +103,5 @@ def _tiny(config: Any) -> Any:
 
 def _numpy(tensor: Any, dtype: Any) -> np.ndarray:
     """A framework tensor's values as NumPy (bfloat16 widened to float32, exactly)."""
-    t = tensor.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
-    x = t.numpy()
+    x = to_numpy(tensor)
     return x if dtype is None else x.astype(dtype)
