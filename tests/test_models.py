@@ -2,8 +2,9 @@
 
 The oracle for logits is the same model in float64 without a cache, run once
 over the final tokens (teacher forcing). The float32 run with a cache must
-meet the cross-implementation rule (refattn.testing.tolerance) against it, with the float32 run without a cache as
-``spec_t``: ``|cached - oracle| <= k |uncached - oracle| + atol max(1, |logits|)``.
+meet the cross-implementation rule (refattn.testing.tolerance) against it,
+with the float32 run without a cache as ``spec_t``:
+``|cached - oracle| <= k |uncached - oracle| + atol max(1, |logits|)``.
 """
 
 from __future__ import annotations
