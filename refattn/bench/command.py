@@ -1,0 +1,101 @@
+"""``refattn bench``: its command-line arguments, and the run they ask for."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "time decode steps and prefills against PyTorch SDPA and the memory bandwidth"
+DESCRIPTION = (
+    "Time refattn.attention and refattn.attention_blockwise on each backend against PyTorch "
+    "SDPA and a plain torch matmul-softmax-matmul, on the same data, and against the device's "
+    "measured memory bandwidth (see refattn.bench). Every size option takes comma-separated "
+    "values; the grid is every combination."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``refattn bench``."""
+    parser.add_argument("--mode", default="decode,prefill", help="decode, prefill or both")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes B")
+    parser.add_argument("--q-heads", default="32", help="decode: query heads Hq")
+    parser.add_argument("--kv-heads", default="8", help="decode: key/value heads Hkv")
+    parser.add_argument("--head-dim", default="128", help="decode: head dimension D")
+    parser.add_argument("--seq-lens", default="1024,4096,16384", help="decode: cache lengths S")
+    parser.add_argument("--prefill-heads", default="16", help="prefill: heads (Hq = Hkv)")
+    parser.add_argument("--prefill-head-dim", default="64", help="prefill: head dimension D")
+    parser.add_argument("--prefill-seq-lens", default="2048", help="prefill: sequence lengths S")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes")
+    parser.add_argument(
+        "--backends",
+        help="comma-separated backends (default: every available one but array_api_strict, "
+        "which runs only when named)",
+    )
+    parser.add_argument("--block-k", type=int, default=512, help="attention_blockwise's block_k")
+    parser.add_argument(
+        "--block-q", type=int, help="attention_blockwise's block_q (default: --block-k)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        help="bandwidth buffer size (default: 4x the largest K+V, at least 64 MiB)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write rows, bandwidths and machine")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="time per decode step against S (needs matplotlib)"
+    )
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check the grid and the settings before anything is timed, then time them."""
+    from refattn.backends import get
+    from refattn.bench.run import main
+    from refattn.bench.shapes import Grid, Settings
+
+    try:
+        grid = Grid(
+            modes=comma_separated(args.mode),
+            batch=comma_separated_ints(args.batch),
+            q_heads=comma_separated_ints(args.q_heads),
+            kv_heads=comma_separated_ints(args.kv_heads),
+            head_dims=comma_separated_ints(args.head_dim),
+            seq_lens=comma_separated_ints(args.seq_lens),
+            prefill_heads=comma_separated_ints(args.prefill_heads),
+            prefill_head_dims=comma_separated_ints(args.prefill_head_dim),
+            prefill_seq_lens=comma_separated_ints(args.prefill_seq_lens),
+            dtypes=comma_separated(args.dtypes),
+        )
+        grid.shapes()  # a bad grid or setting fails here, before anything is timed
+        settings = Settings(
+            block_q=args.block_q, block_k=args.block_k, repeats=args.repeats,
+            warmup=args.warmup, seed=args.seed, bandwidth_mib=args.bandwidth_mib,
+        )  # fmt: skip
+        backends = comma_separated(args.backends) if args.backends is not None else None
+        for name in backends or []:
+            get(name)
+    except ValueError as error:
+        parser.error(str(error))
+    return main(grid, settings, backends=backends, json_path=args.json, plot_path=args.plot)
+
+
+def comma_separated(text: str) -> list[str]:
+    """``"a, b"`` as ``["a", "b"]``.
+
+    >>> comma_separated("decode, prefill")
+    ['decode', 'prefill']
+    """
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def comma_separated_ints(text: str) -> list[int]:
+    """``"1024, 4096"`` as ``[1024, 4096]``.
+
+    >>> comma_separated_ints("1024, 4096")
+    [1024, 4096]
+    """
+    try:
+        return [int(n) for n in comma_separated(text)]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers; got {text!r}") from None
