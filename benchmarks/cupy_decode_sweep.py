@@ -27,7 +27,7 @@ def sweep_shape(batch: int, kv_heads: int, seq_len: int, args: Any) -> list[dict
     import cupy
     import torch
 
-    from refattn.backends import cupy_decode
+    from refattn.backends.cupy_kernels import decode as cupy_decode
 
     rows = []
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]

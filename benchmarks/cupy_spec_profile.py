@@ -54,7 +54,8 @@ def profile(
 
     import refattn
     from refattn.attention import block_visibility, prepare, weighted_sum
-    from refattn.backends.cupy_decode import decode_attention
+    from refattn.backends.cupy_kernels.decode import decode_attention
+    from refattn.options import AttentionOptions
     from refattn.scores import scaled_scores
     from refattn.softmax import masked_softmax
 
@@ -63,9 +64,7 @@ def profile(
     k = rng.standard_normal((batch, kv_heads, seq_len, head_dim), dtype=cupy.float32).astype(dtype)
     v = rng.standard_normal((batch, kv_heads, seq_len, head_dim), dtype=cupy.float32).astype(dtype)
     kv_bytes = 2 * k.nbytes
-    call = prepare(q, k, v, causal=False, q_pos=None, k_pos=None, mask=None, bias=None,
-                   scale=None, window=None, sink_tokens=0, softcap=None, alibi_slopes=None,
-                   sink_logits=None, return_lse=False)  # fmt: skip
+    call = prepare(q, k, v, AttentionOptions())
     every = slice(None)
     k_c, v_c = call.keys(every), call.values(every)
     s = scaled_scores(xp, call.q, k_c, call.scale)

@@ -32,7 +32,7 @@ from refattn.testing import (
     check_problem,
     make_problem,
 )
-from refattn.testing.strategies import DEFAULT_FEATURES
+from refattn.testing.drawing import DEFAULT_FEATURES
 
 torch = pytest.importorskip("torch")
 

@@ -145,7 +145,7 @@ def test_softcap_must_be_positive_and_finite(qkv, softcap):
 
 def test_scale_must_be_a_finite_number(qkv):
     with _raises(TypeError, "scale must be a finite real number or None; got 'big'"):
-        attention(*qkv, scale="big")  # type: ignore[arg-type]
+        attention(*qkv, scale="big")
     with _raises(ValueError, "scale must be finite; got inf"):
         attention(*qkv, scale=float("inf"))
 
@@ -160,7 +160,7 @@ def test_missing_arrays_and_zero_head_dim_are_named(qkv):
 
 def test_flags_must_be_booleans(qkv):
     with _raises(TypeError, "causal must be True or False; got 'no'"):
-        attention(*qkv, causal="no")  # type: ignore[arg-type]
+        attention(*qkv, causal="no")
 
 
 def test_arrays_on_another_device_are_named():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from refattn import attention
-from refattn.caches import KINDS, QuantizedCache, StaticCache, make_cache
+from refattn.caches import KINDS, PagedCache, QuantizedCache, StaticCache, make_cache
 
-SHAPE = {"batch": 2, "kv_heads": 1, "head_dim": 4, "dtype": np.float64}
+SHAPE: dict[str, Any] = {"batch": 2, "kv_heads": 1, "head_dim": 4, "dtype": np.float64}
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "cross"])
@@ -38,7 +40,8 @@ def test_decoding_through_the_ring_with_its_options_equals_windowed_attention() 
         q_pos = cache.lengths[:, None] + np.arange(T)[None, :]
         k_all, v_all, k_pos = cache.update(k[:, :, chunk], v[:, :, chunk])
         seeing = {"causal": True, "q_pos": q_pos, "k_pos": k_pos}
-        out = attention(q[:, :, chunk], k_all, v_all, **seeing, **cache.attention_options)
+        out = np.asarray(attention(q[:, :, chunk], k_all, v_all, **seeing,
+                                   **cache.attention_options))  # fmt: skip
         for i, t in enumerate(range(start, start + T)):
             seen = [j for j in range(t + 1) if t - j < W or j < sinks]
             s = np.array([q[0, 0, t] @ k[0, 0, j] / 2.0 for j in seen])
@@ -60,9 +63,11 @@ def test_an_option_the_kind_does_not_take_is_named(kind: str, option: str) -> No
 
 def test_make_cache_keeps_each_kinds_own_defaults() -> None:
     paged = make_cache("paged", max_len=40, **SHAPE)
-    assert paged.block_size == type(paged).DEFAULT_BLOCK_SIZE
+    assert isinstance(paged, PagedCache)
+    assert paged.block_size == PagedCache.DEFAULT_BLOCK_SIZE
     assert paged.num_blocks == 2 * -(-40 // paged.block_size)
-    assert make_cache("quantized", max_len=8, **SHAPE).bits == 8
+    quantized = make_cache("quantized", max_len=8, **SHAPE)
+    assert isinstance(quantized, QuantizedCache) and quantized.bits == 8
     assert make_cache("sliding", max_len=8, **SHAPE).attention_options == {
         "window": 8, "sink_tokens": 0,
     }  # fmt: skip

@@ -136,11 +136,11 @@ class CacheMachine(RuleBasedStateMachine):
               sink_tokens: int, block_size: int, seed: int) -> None:  # fmt: skip
         self.B, self.Hkv, self.Hq, self.D = batch, kv_heads, kv_heads * group, head_dim
         self.rng = np.random.default_rng(seed)
-        own = {  # each kind's own parameters
+        own: dict[str, Any] = {  # each kind's own parameters
             "sliding": {"window": window, "sink_tokens": sink_tokens},
             "paged": {"block_size": block_size, "block_order": list(
                 self.rng.permutation(batch * -(-CAPACITY // block_size)))},
-        }.get(self.kind, {})  # fmt: skip
+        }.get(self.kind, {})  # type: ignore[assignment]  # fmt: skip
         self.cache = cache_on(self.kind, self.case, batch=batch, kv_heads=kv_heads,
                               head_dim=head_dim, max_len=CAPACITY, **own)  # fmt: skip
         poison_storage(self.cache)
@@ -336,7 +336,9 @@ def test_rope_applied_before_caching_equals_rope_on_the_full_sequence(
     cache = cache_on(kind, cache_case, batch=B, kv_heads=Hkv, head_dim=D, max_len=S)
     decoded = decode(cache, cache_case, arrays, steps, encode=encode)
     # The same rotation of the whole sequence, rounded as the decoded chunks were.
-    full = {n: _rounded(encode(n, arrays[n], np.arange(S)), cache_case.dtype) for n in "qk"}
+    full: dict[str, Any] = {
+        n: _rounded(encode(n, arrays[n], np.arange(S)), cache_case.dtype) for n in "qk"
+    }
     full["v"] = arrays["v"]
     ref, _, weights = oracle_attention(
         **full, causal=True, **cache.attention_options, return_weights=True

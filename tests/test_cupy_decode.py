@@ -1,12 +1,12 @@
-"""The fused CuPy decode kernel (``backends/cupy_decode.py``) against the spec.
+"""The fused CuPy decode kernel (``backends/cupy_kernels/``) against the spec.
 
 On a GPU: :func:`refattn.testing.check_attention` searches for a problem on
 which the kernel disagrees with :func:`refattn.attention`, over every
 feature the kernel takes, in float16, float32 and float64 (CuPy has no
 bfloat16); its merge kernel is held against :func:`refattn.merge_states_n`.
 Without one, the GPU tests skip, and what needs no GPU still runs: the
-kernel configuration, the errors, and (where nvcc is installed) that the
-generated CUDA source compiles.
+kernel configuration, the errors, and (where NVRTC or nvcc is installed)
+that the generated CUDA source compiles.
 """
 
 from __future__ import annotations
@@ -21,11 +21,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refattn.backends import cupy_decode, get
-from refattn.backends.cupy_decode import Config, choose_config, choose_splits, decode_attention
+import refattn
+from refattn.backends import get
+from refattn.backends.cupy_kernels import decode as cupy_decode
+from refattn.backends.cupy_kernels.decode import (
+    Config,
+    choose_config,
+    choose_splits,
+    decode_attention,
+)
 from refattn.testing import AttentionProblem, check_attention
+from refattn.testing.drawing import FEATURES
 from refattn.testing.report import FeatureCount
-from refattn.testing.strategies import FEATURES
 
 GPU = get("cupy").unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU is not None, reason=str(GPU))
@@ -98,6 +105,64 @@ def test_arrays_that_are_not_cupy_are_refused_by_name() -> None:
         decode_attention(q, q, q)
 
 
+def test_options_the_kernel_does_not_fuse_are_refused_and_unknown_ones_named() -> None:
+    q = np.zeros((1, 1, 1, 8), np.float32)
+    with pytest.raises(TypeError, match=r"decode_attention does not take \['sink_logits'\]"):
+        decode_attention(q, q, q, sink_logits=np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['casual'\]"):
+        decode_attention(q, q, q, casual=True)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        decode_attention(q, q, q, window=0)
+
+
+def _compile_with_nvrtc(source: str) -> str:
+    """PTX of ``source`` by NVRTC (the ``nvidia-cuda-nvrtc-cu12`` wheel), which needs no GPU."""
+    import ctypes
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12)")
+    found = [path for folder in spec.submodule_search_locations
+             for path in sorted(glob.glob(os.path.join(folder, "lib", "libnvrtc.so*")))
+             if ".alt." not in path]  # fmt: skip
+    if not found:
+        pytest.skip("the NVRTC wheel holds no libnvrtc for this platform")
+    nvrtc = ctypes.CDLL(found[0])
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu",
+                                    0, None, None) == 0  # fmt: skip
+    try:
+        options = (ctypes.c_char_p * 2)(b"--std=c++14", b"-arch=compute_90")
+        status = nvrtc.nvrtcCompileProgram(program, 2, options)
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        assert status == 0, log.value.decode()
+        nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetPTX(program, ptx)
+        return ptx.value.decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("one_query", [True, False])
+def test_cuda_source_compiles_for_every_dtype(dtype: str, one_query: bool) -> None:
+    """The .cu file with each dtype's header compiles, without a GPU; a broken one does not."""
+    for head_dim, aligned_to, rows in ((128, 16, 4), (3, 1, 8), (256, 16, 1)):
+        config = choose_config(dtype, head_dim, head_dim, rows, aligned_to=aligned_to,
+                               q_len=1 if one_query else 2)  # fmt: skip
+        ptx = _compile_with_nvrtc(config.source())
+        assert ".entry refattn_decode_split" in ptx and ".entry refattn_decode_merge" in ptx
+    with pytest.raises(AssertionError, match=r"identifier .*undefined"):
+        _compile_with_nvrtc(config.source().replace("ROWS_PER_BLOCK", "ROWS_PER_BLOK", 1))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize(
     "config",
@@ -154,7 +219,7 @@ def test_merge_kernel_is_merge_states_n(dtype: str) -> None:
     import cupy
 
     from refattn import merge_states_n
-    from refattn.backends.cupy_decode import merge_splits
+    from refattn.backends.cupy_kernels.decode import merge_splits
 
     rng = np.random.default_rng(0)
     compute = "float64" if dtype == "float64" else "float32"
@@ -173,11 +238,40 @@ def test_merge_kernel_is_merge_states_n(dtype: str) -> None:
     assert np.all(out.get()[:8] == 0) and np.all(lse.get()[:8] == -np.inf)
 
 
+def _sink_case(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One query far past a window of 8 keys, whose first 4 keys (the sinks) score highest."""
+    q = rng.standard_normal((1, 4, 1, 32))
+    k = rng.standard_normal((1, 2, 600, 32))
+    k[:, :, :4] = 3 * q[:, ::2, :, :]  # the sinks are what the query looks for
+    v = rng.standard_normal((1, 2, 600, 32))
+    return {"q": q, "k": k, "v": v}
+
+
+def test_the_sink_case_depends_on_the_sinks() -> None:
+    """So that the GPU test below cannot pass with a kernel that ignores sink_tokens."""
+    case = _sink_case(np.random.default_rng(3))
+    with_sinks = np.asarray(refattn.attention(**case, causal=True, window=8, sink_tokens=4))
+    without = np.asarray(refattn.attention(**case, causal=True, window=8))
+    assert np.abs(with_sinks - without).max() > 0.5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_sink_tokens_stay_visible_through_the_window(dtype: str, num_splits: int) -> None:
+    import cupy
+
+    case = _sink_case(np.random.default_rng(3))
+    want = refattn.attention(**case, causal=True, window=8, sink_tokens=4)
+    on_gpu = {n: cupy.asarray(x, dtype=dtype) for n, x in case.items()}
+    got = decode_attention(**on_gpu, causal=True, window=8, sink_tokens=4, num_splits=num_splits)
+    tolerance = {"float16": 2e-2, "float32": 1e-4, "float64": 1e-10}[dtype]
+    np.testing.assert_allclose(got.get().astype(np.float64), want, rtol=0, atol=tolerance)
+
+
 @needs_gpu
 def test_a_view_of_a_larger_cache_buffer_is_read_in_place() -> None:
     import cupy
-
-    import refattn
 
     rng = np.random.default_rng(1)
     buffer_k = cupy.asarray(rng.standard_normal((2, 4, 300, 64)), dtype=cupy.float16)

@@ -84,6 +84,8 @@ def test_wheel_maps_backends_under_refattn(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "refattn/backends/__init__.py" in names
     assert "refattn/backends/torch.py" in names
+    assert "refattn/backends/cupy_kernels/decode.py" in names
+    assert "refattn/backends/cupy_kernels/split_kv_decode.cu" in names  # package data
     assert "refattn/testing/oracle.py" in names  # the oracle is part of the product
     assert not [n for n in names if n.startswith("refattn/tests/")]  # the suite is not
     assert "refattn/py.typed" in names

@@ -24,7 +24,7 @@ def make_step(job: Job, q: Any, k: Any, v: Any, *, block_q: int, block_k: int) -
             q, k, v, causal=causal, block_q=block_q, block_k=block_k
         )
     if job.implementation == FUSED:
-        from refattn.backends.cupy_decode import decode_attention
+        from refattn.backends.cupy_kernels.decode import decode_attention
 
         return lambda: decode_attention(q, k, v, causal=causal)
     if job.implementation == "torch SDPA":

@@ -18,7 +18,7 @@ from refattn.bench.shapes import Shape
 SPEC_PATHS = ("refattn.attention", "refattn.attention_blockwise")
 
 
-#: The fused split-KV decode kernel of ``backends/cupy_decode.py``, timed on CuPy decode rows.
+#: The fused split-KV decode kernel of ``backends/cupy_kernels/``, timed on CuPy decode rows.
 FUSED = "cupy fused decode"
 
 

@@ -86,7 +86,7 @@ class Problem:
         names = ("q", "k", "v", "q_pos", "k_pos", "mask", "bias", "alibi_slopes", "sink_logits")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def rounded(self, dtype: str) -> dict[str, np.ndarray]:
+    def rounded(self, dtype: str) -> dict[str, Any]:
         """:meth:`arrays` with the floating ones rounded to ``dtype`` and held as float64:
         what a candidate in ``dtype`` and the oracle both see."""
         return {
