@@ -10,25 +10,25 @@ the randomness comes from is a separate question, answered by a
 ``features`` narrows what is drawn. A feature left out is never drawn; every
 feature named may be:
 
-===============  =============================================================
-feature          what it draws
-===============  =============================================================
-``causal``       causal masking (otherwise every problem is non-causal)
-``gqa``          several query heads per KV head (1 to 4 groups)
-``positions``    positions other than the defaults: top-left alignment, rows
-                 whose queries sit at different positions
-``empty_slots``  key slots with ``k_pos = -1`` (padding, holes, empty ring
-                 slots, per-row lengths), so also fully masked rows and Sk = 0
-``window``       a sliding window, including its edges ``q - k = W - 1, W``
-``softcap``      tanh soft-capping of the scores, caps from 0.5 to 50
-``alibi``        ALiBi slopes, per head or per (batch, head)
-``lse``          the log-sum-exp is asked for as well
-``long``         rows of 64 to 1024 keys, where low-precision sums drift
-``large_logits`` scores near 1e4, which overflow a softmax without max subtraction
-``unseen_nan``   NaN in every slot no query may see (off by default: only kernels
-                 that never read such slots, as flash-attn's ``cache_seqlens``
-                 or a paged kernel, can promise this)
-===============  =============================================================
+================  =============================================================
+feature           what it draws
+================  =============================================================
+``causal``        causal masking (otherwise every problem is non-causal)
+``gqa``           several query heads per KV head (1 to 4 groups)
+``positions``     positions other than the defaults: top-left alignment, rows
+                  whose queries sit at different positions
+``empty_slots``   key slots with ``k_pos = -1`` (padding, holes, empty ring
+                  slots, per-row lengths), so also fully masked rows and Sk = 0
+``window``        a sliding window, including its edges ``q - k = W - 1, W``
+``softcap``       tanh soft-capping of the scores, caps from 0.5 to 50
+``alibi``         ALiBi slopes, per head or per (batch, head)
+``lse``           the log-sum-exp is asked for as well
+``long``          rows of 64 to 1024 keys, where low-precision sums drift
+``large_logits``  scores near 1e4, which overflow a softmax without max subtraction
+``unseen_nan``    NaN in every slot no query may see (off by default: only kernels
+                  that never read such slots, as flash-attn's ``cache_seqlens``
+                  or a paged kernel, can promise this)
+================  =============================================================
 
 The spec itself takes more than a candidate can be handed today
 (:data:`SPEC_ONLY_FEATURES`): a boolean ``mask``, an additive ``bias``,
