@@ -4,7 +4,8 @@ The registry never imports a framework the user has not asked for: each
 adapter names its library and imports it inside its methods, so listing the
 backends, or importing refattn, costs nothing and cannot fail because a GPU
 library is half-installed. Only testing, benchmarks and the CLI use this
-module; the spec itself finds its namespace from its inputs.
+module (the models, only its :func:`to_numpy`); the spec itself finds its
+namespace from its inputs.
 
 ``REFATTN_BACKENDS=numpy,torch`` narrows the backends that :func:`selected`
 and :func:`cases` return when they are not given names. :func:`to_numpy` is

@@ -20,8 +20,8 @@ from typing import Any
 
 from refattn.testing.candidate import (
     AttentionProblem,
+    new_report,
     on_backend,
-    qualified_name,
     resolve_case,
     run_candidate,
 )
@@ -71,16 +71,6 @@ def check_problem(
     return judge(start, result, arrays, scalars, spec.return_lse)
 
 
-def checked_dtypes(dtypes: Iterable[str]) -> tuple[str, ...]:
-    """The dtypes of a check; none at all is an error, since nothing would be checked."""
-    if isinstance(dtypes, str):
-        raise TypeError(f"dtypes must be a collection of names, not the string {dtypes!r}")
-    chosen = tuple(dtypes)
-    if not chosen:
-        raise ValueError("dtypes must name at least one dtype; got none: nothing would be checked")
-    return chosen
-
-
 def check_attention(
     fn: Callable[[AttentionProblem], Any],
     *,
@@ -104,7 +94,7 @@ def check_attention(
         backend's first
     dtypes : each dtype is searched separately, ``max_examples`` problems each
     features : what may be drawn (:data:`~refattn.testing.strategies.FEATURES`);
-        None draws everything but ``nan_slots``
+        None draws everything but ``unseen_nan``
     seed : makes the search repeatable; None draws a fresh one
     on_example : called with every :class:`Outcome` of the search (a progress bar)
 
@@ -127,14 +117,9 @@ def check_attention(
     True
     """
     chosen = resolve_features(features)
-    dtypes = checked_dtypes(dtypes)
-    case = resolve_case(backend, device, dtypes[0])
-    for dtype in dtypes:
-        resolve_case(backend, case.device, dtype)
-    report = Report(name=qualified_name(fn), backend=backend, device=case.device,
-                    dtypes=dtypes, features=chosen)  # fmt: skip
+    report = new_report(fn, backend, device, dtypes, chosen)
     strategy = attention_specs(chosen)
-    for dtype in dtypes:
+    for dtype in report.dtypes:
 
         def one(spec: ProblemSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
             outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device)

@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from refattn.testing.attention_check import checked_dtypes
-from refattn.testing.candidate import qualified_name, resolve_case, run_candidate
+from refattn.testing.candidate import new_report, resolve_case, run_candidate
 from refattn.testing.decoding import decode, uniform_steps
 from refattn.testing.problems import CacheSpec, cache_history
 from refattn.testing.report import Outcome, Report
@@ -117,18 +116,13 @@ def check_cache(
     >>> check_cache(ring, window=4, sink_tokens=1, max_examples=10, seed=0).passed
     True
     """
-    dtypes = checked_dtypes(dtypes)
-    case = resolve_case(backend, device, dtypes[0])
-    for dtype in dtypes:
-        resolve_case(backend, case.device, dtype)
-    report = Report(name=qualified_name(factory), backend=backend, device=case.device,
-                    dtypes=dtypes, features=frozenset())  # fmt: skip
+    report = new_report(factory, backend, device, dtypes, frozenset())
     strategy = cache_specs(window=window, sink_tokens=sink_tokens, bits=bits, max_len=max_len)
-    for dtype in dtypes:
+    for dtype in report.dtypes:
 
         def one(spec: CacheSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
             outcome = check_schedule(factory, spec, backend=backend, dtype=dtype,
-                                     device=case.device)  # fmt: skip
+                                     device=report.device)  # fmt: skip
             return outcome, cache_features_of(spec)
 
         search(report, one, strategy, dtype, max_examples, seed, on_example)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from refattn.backends import Case, get
 from refattn.testing.problems import ProblemSpec
-from refattn.testing.report import Outcome
+from refattn.testing.report import Outcome, Report
 
 
 class Unsupported(Exception):
@@ -120,6 +120,29 @@ def run_candidate(start: Outcome, call: Callable[[], Any]) -> tuple[Any, Outcome
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return None, start.but(message=f"raised {exc!r} at {where.filename}:{where.lineno}")
+
+
+def checked_dtypes(dtypes: Iterable[str]) -> tuple[str, ...]:
+    """The dtypes of a check; none at all is an error, since nothing would be checked."""
+    if isinstance(dtypes, str):
+        raise TypeError(f"dtypes must be a collection of names, not the string {dtypes!r}")
+    chosen = tuple(dtypes)
+    if not chosen:
+        raise ValueError("dtypes must name at least one dtype; got none: nothing would be checked")
+    return chosen
+
+
+def new_report(
+    candidate: Callable[..., Any], backend: str, device: str | None, dtypes: Iterable[str],
+    features: frozenset[str],
+) -> Report:  # fmt: skip
+    """An empty report for a check of ``candidate``, every dtype already known to run there."""
+    chosen = checked_dtypes(dtypes)
+    case = resolve_case(backend, device, chosen[0])
+    for dtype in chosen:
+        resolve_case(backend, case.device, dtype)
+    return Report(name=qualified_name(candidate), backend=backend, device=case.device,
+                  dtypes=chosen, features=features)  # fmt: skip
 
 
 def qualified_name(fn: Callable[..., Any]) -> str:
