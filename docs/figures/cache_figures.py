@@ -238,7 +238,13 @@ def paged(out: Path) -> Path:
     snap("release(0)")
     _update(cache, 2, [0, 2])
     snap("+2 (0, 2)")
+    return _save(_draw_pool(labels, pools, tables, bs, n_blocks), out / "paged.png")
 
+
+def _draw_pool(
+    labels: list[str], pools: list[np.ndarray], tables: list[str], bs: int, n_blocks: int
+) -> plt.Figure:
+    """The pool after each step: a row of slots per step, coloured by the row holding it."""
     width = n_blocks * bs
     fig, ax = plt.subplots(
         figsize=(1.6 + 0.42 * width, 1.2 + 0.36 * len(labels)), layout="constrained"
@@ -271,7 +277,7 @@ def paged(out: Path) -> Path:
         fontsize=9,
     )
     ax.set_xlim(0, width + 7)
-    return _save(fig, out / "paged.png")
+    return fig
 
 
 FIGURES = (static, dynamic, sliding, paged, quantized, cross)

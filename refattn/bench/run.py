@@ -255,10 +255,23 @@ def main(
                    warmup=settings.warmup, seed=settings.seed, on_row=advance)  # fmt: skip
     finish(rows, bandwidths)
     result = Result(rows, bandwidths, skipped)
-    console.print(bandwidth_table(bandwidths))
-    for table in format_tables(rows):
+    print_result(console, result)
+    if json_path:
+        recorded = {"grid": asdict(grid), **asdict(settings), "block_q": block_q,
+                    "backends": [t.name for t in targets], "bandwidth_bytes": nbytes}  # fmt: skip
+        write_json(json_path, to_json(result, recorded))
+        console.print(f"JSON written to {json_path}", highlight=False)
+    if plot_path:
+        console.print(plot(result, plot_path), highlight=False)
+    return 1 if result.mismatches else 0
+
+
+def print_result(console: Console, result: Result) -> None:
+    """The bandwidth table, a table per mode and dtype, what was skipped, every mismatch."""
+    console.print(bandwidth_table(result.bandwidths))
+    for table in format_tables(result.rows):
         console.print(table)
-    for name, reason in skipped.items():
+    for name, reason in result.skipped.items():
         console.print(f"{name}: skipped ({reason})", highlight=False)
     for row in result.mismatches:
         console.print(
@@ -268,11 +281,3 @@ def main(
             "meaningful",
             style="bold red", highlight=False,
         )  # fmt: skip
-    if json_path:
-        recorded = {"grid": asdict(grid), **asdict(settings), "block_q": block_q,
-                    "backends": [t.name for t in targets], "bandwidth_bytes": nbytes}  # fmt: skip
-        write_json(json_path, to_json(result, recorded))
-        console.print(f"JSON written to {json_path}", highlight=False)
-    if plot_path:
-        console.print(plot(result, plot_path), highlight=False)
-    return 1 if result.mismatches else 0
