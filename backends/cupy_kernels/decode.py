@@ -11,11 +11,12 @@ over a long cache) in one pass over the cache, the way flash-decoding does:
    row that reads that KV head (the G = Hq / Hkv heads of the group, times
    Sq), so grouped-query attention reads each key once for the whole group
    and never repeats heads.
-2. Inside a block, groups of ``LPK`` lanes ("workers") each take a few keys
-   at a time. A worker loads each key and value row once with vector loads,
-   computes the score of every query row against it, applies the softcap and
-   ALiBi, hides what positions, the window and empty slots hide, and folds
-   the visible keys into its running state with the online softmax:
+2. Inside a block, groups of ``LANES_PER_KEY`` lanes ("workers") each take a
+   few keys at a time. A worker loads each key and value row once with vector
+   loads, computes the score of every query row against it, applies the
+   softcap and ALiBi, hides what positions, the window and empty slots hide
+   (a sink token stays visible through the window), and folds the visible
+   keys into its running state with the online softmax:
 
    .. math::
 

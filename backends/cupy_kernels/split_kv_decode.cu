@@ -12,7 +12,12 @@
 //   KEYS_PER_STEP        keys a worker loads per step
 //   WARPS                warps per block
 //   ONE_QUERY            1 when Sq = 1: every row of a block sees the same keys
-#define WORKERS_PER_WARP (32 / LANES_PER_KEY)  // workers per warp
+#define WORKERS_PER_WARP (32 / LANES_PER_KEY)
+// A lane holds elements d = c * VECTOR_STRIDE + lane_in_worker * VECTOR_ELEMENTS + e of a
+// row (vector c < VECTORS_PER_LANE, element e < VECTOR_ELEMENTS): for each c the lanes of a
+// worker read neighbouring vectors, so their loads coalesce.
+#define VECTOR_STRIDE (LANES_PER_KEY * VECTOR_ELEMENTS)
+#define ELEMENTS_PER_LANE (VECTORS_PER_LANE * VECTOR_ELEMENTS)
 #define FULL_WARP_MASK 0xffffffffu
 
 struct __align__(VECTOR_BYTES) Vector { storage_t x[VECTOR_ELEMENTS]; };
@@ -44,14 +49,14 @@ __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b)
 // sequence b, for up to ROWS_PER_BLOCK of the G * Sq query rows that read that head.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 refattn_decode_split(
-    const storage_t* __restrict__ q,            // (B, Hq, Sq, D), contiguous
-    const storage_t* __restrict__ k,            // (B, Hkv, S, D), last axis contiguous
-    const storage_t* __restrict__ v,            // (B, Hkv, S, DV), last axis contiguous
+    const storage_t* __restrict__ q,      // (B, Hq, Sq, D), contiguous
+    const storage_t* __restrict__ k,      // (B, Hkv, S, D), last axis contiguous
+    const storage_t* __restrict__ v,      // (B, Hkv, S, DV), last axis contiguous
     const long long* __restrict__ q_pos,  // (B or 1, Sq), or null: S - Sq + i
     const long long* __restrict__ k_pos,  // (B or 1, S), or null: j
-    const accum_t* __restrict__ slopes,       // (B or 1, Hq), or null: no ALiBi
-    accum_t* __restrict__ part_out,           // (splits, B, Hq, Sq, DV)
-    accum_t* __restrict__ part_lse,           // (splits, B, Hq, Sq)
+    const accum_t* __restrict__ slopes,   // (B or 1, Hq), or null: no ALiBi
+    accum_t* __restrict__ part_out,       // (splits, B, Hq, Sq, DV)
+    accum_t* __restrict__ part_lse,       // (splits, B, Hq, Sq)
     int B, int Hq, int Hkv, int Sq, long long S, int D, int DV, long long keys_per_split,
     int row_groups,
     long long k_b, long long k_h, long long k_s,
@@ -67,12 +72,12 @@ refattn_decode_split(
     const int n_rows = G * Sq;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int lane_in_worker = lane % LANES_PER_KEY;       // lane within its worker
+    const int lane_in_worker = lane % LANES_PER_KEY;
     const int n_workers = WARPS * WORKERS_PER_WARP;
     const accum_t NEGATIVE_INFINITY = negative_infinity(accum_t(0));
 
     // The query rows: scaled once, held in registers, D split over the worker's lanes.
-    accum_t q_scaled[ROWS_PER_BLOCK][VECTORS_PER_LANE * VECTOR_ELEMENTS];
+    accum_t q_scaled[ROWS_PER_BLOCK][ELEMENTS_PER_LANE];
     long long q_position[ROWS_PER_BLOCK];
     accum_t slope[ROWS_PER_BLOCK];
     bool live[ROWS_PER_BLOCK];
@@ -89,8 +94,9 @@ refattn_decode_split(
         for (int c = 0; c < VECTORS_PER_LANE; ++c) {
 #pragma unroll
             for (int e = 0; e < VECTOR_ELEMENTS; ++e) {
-                const int d = c * LANES_PER_KEY * VECTOR_ELEMENTS + lane_in_worker * VECTOR_ELEMENTS + e;
-                q_scaled[r][c * VECTOR_ELEMENTS + e] = (live[r] && d < D) ? widen(qrow[d]) * scale : accum_t(0);
+                const int d = c * VECTOR_STRIDE + lane_in_worker * VECTOR_ELEMENTS + e;
+                q_scaled[r][c * VECTOR_ELEMENTS + e] =
+                    (live[r] && d < D) ? widen(qrow[d]) * scale : accum_t(0);
             }
         }
     }
@@ -101,20 +107,21 @@ refattn_decode_split(
     const storage_t* v_of_head = v + b * v_b + kv_head * v_h;
     const long long* k_pos_of_row = k_pos ? k_pos + b * k_pos_b : 0;
 
-    accum_t m[ROWS_PER_BLOCK], denominator[ROWS_PER_BLOCK], acc[ROWS_PER_BLOCK][VECTORS_PER_LANE * VECTOR_ELEMENTS];
+    accum_t m[ROWS_PER_BLOCK], denominator[ROWS_PER_BLOCK], acc[ROWS_PER_BLOCK][ELEMENTS_PER_LANE];
 #pragma unroll
     for (int r = 0; r < ROWS_PER_BLOCK; ++r) {
         m[r] = NEGATIVE_INFINITY;
         denominator[r] = accum_t(0);
 #pragma unroll
-        for (int x = 0; x < VECTORS_PER_LANE * VECTOR_ELEMENTS; ++x) acc[r][x] = accum_t(0);
+        for (int x = 0; x < ELEMENTS_PER_LANE; ++x) acc[r][x] = accum_t(0);
     }
 
     // The trip count depends on the warp only: every lane reaches every shuffle.
-    for (long long warp_base = start + (long long)warp * WORKERS_PER_WARP * KEYS_PER_STEP; warp_base < end;
-         warp_base += (long long)n_workers * KEYS_PER_STEP) {
+    for (long long warp_base = start + (long long)warp * WORKERS_PER_WARP * KEYS_PER_STEP;
+         warp_base < end; warp_base += (long long)n_workers * KEYS_PER_STEP) {
         const long long base = warp_base + (long long)(lane / LANES_PER_KEY) * KEYS_PER_STEP;
-        Vector key_vectors[KEYS_PER_STEP][VECTORS_PER_LANE], value_vectors[KEYS_PER_STEP][VECTORS_PER_LANE];
+        Vector key_vectors[KEYS_PER_STEP][VECTORS_PER_LANE];
+        Vector value_vectors[KEYS_PER_STEP][VECTORS_PER_LANE];
         bool visible[KEYS_PER_STEP][ROWS_PER_BLOCK];
         long long k_position[KEYS_PER_STEP];
 #pragma unroll
@@ -126,14 +133,17 @@ refattn_decode_split(
             for (int r = 0; r < ROWS_PER_BLOCK; ++r) {
                 bool seen = live[r] && k_position[t] >= 0;
                 if (causal) seen = seen && k_position[t] <= q_position[r];
-                if (window > 0) seen = seen && (q_position[r] - k_position[t] < window || k_position[t] < sink_tokens);
+                if (window > 0) {  // the last window positions, and the sink tokens
+                    seen = seen && (q_position[r] - k_position[t] < window
+                                    || k_position[t] < sink_tokens);
+                }
                 visible[t][r] = seen;
                 any = any || seen;
             }
             // A key no row sees is not read: its vectors are zeros, never NaN.
 #pragma unroll
             for (int c = 0; c < VECTORS_PER_LANE; ++c) {
-                const int d = c * LANES_PER_KEY * VECTOR_ELEMENTS + lane_in_worker * VECTOR_ELEMENTS;
+                const int d = c * VECTOR_STRIDE + lane_in_worker * VECTOR_ELEMENTS;
                 if (any && d < D) {
                     key_vectors[t][c] = *reinterpret_cast<const Vector*>(k_of_head + j * k_s + d);
                 } else {
@@ -143,12 +153,14 @@ refattn_decode_split(
             }
 #pragma unroll
             for (int c = 0; c < VECTORS_PER_LANE; ++c) {
-                const int d = c * LANES_PER_KEY * VECTOR_ELEMENTS + lane_in_worker * VECTOR_ELEMENTS;
+                const int d = c * VECTOR_STRIDE + lane_in_worker * VECTOR_ELEMENTS;
                 if (any && d < DV) {
                     value_vectors[t][c] = *reinterpret_cast<const Vector*>(v_of_head + j * v_s + d);
                 } else {
 #pragma unroll
-                    for (int e = 0; e < VECTOR_ELEMENTS; ++e) value_vectors[t][c].x[e] = storage_t(0);
+                    for (int e = 0; e < VECTOR_ELEMENTS; ++e) {
+                        value_vectors[t][c].x[e] = storage_t(0);
+                    }
                 }
             }
         }
@@ -157,21 +169,29 @@ refattn_decode_split(
         accum_t s[KEYS_PER_STEP][ROWS_PER_BLOCK];
 #pragma unroll
         for (int t = 0; t < KEYS_PER_STEP; ++t) {
-            accum_t key_wide[VECTORS_PER_LANE * VECTOR_ELEMENTS];  // the key, widened once for every row
+            accum_t key_wide[ELEMENTS_PER_LANE];  // the key, widened once for every row
 #pragma unroll
             for (int c = 0; c < VECTORS_PER_LANE; ++c) {
 #pragma unroll
-                for (int e = 0; e < VECTOR_ELEMENTS; ++e) key_wide[c * VECTOR_ELEMENTS + e] = widen(key_vectors[t][c].x[e]);
+                for (int e = 0; e < VECTOR_ELEMENTS; ++e) {
+                    key_wide[c * VECTOR_ELEMENTS + e] = widen(key_vectors[t][c].x[e]);
+                }
             }
 #pragma unroll
             for (int r = 0; r < ROWS_PER_BLOCK; ++r) {
                 accum_t dot = accum_t(0);
 #pragma unroll
-                for (int x = 0; x < VECTORS_PER_LANE * VECTOR_ELEMENTS; ++x) dot += q_scaled[r][x] * key_wide[x];
+                for (int x = 0; x < ELEMENTS_PER_LANE; ++x) dot += q_scaled[r][x] * key_wide[x];
 #pragma unroll
-                for (int off = LANES_PER_KEY / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(FULL_WARP_MASK, dot, off);
+                for (int off = LANES_PER_KEY / 2; off > 0; off >>= 1) {
+                    dot += __shfl_xor_sync(FULL_WARP_MASK, dot, off);
+                }
                 if (softcap > accum_t(0)) dot = softcap * tanh_of(dot / softcap);
-                if (slopes) dot -= slope[r] * accum_t(q_position[r] >= k_position[t] ? q_position[r] - k_position[t] : k_position[t] - q_position[r]);
+                if (slopes) {  // ALiBi: minus slope times |q_pos - k_pos|
+                    dot -= slope[r] * accum_t(q_position[r] >= k_position[t]
+                                                  ? q_position[r] - k_position[t]
+                                                  : k_position[t] - q_position[r]);
+                }
                 s[t][r] = visible[t][r] ? dot : NEGATIVE_INFINITY;
             }
         }
@@ -195,21 +215,23 @@ refattn_decode_split(
             }
             denominator[r] = denominator[r] * alpha + sum;
 #pragma unroll
-            for (int x = 0; x < VECTORS_PER_LANE * VECTOR_ELEMENTS; ++x) acc[r][x] *= alpha;
+            for (int x = 0; x < ELEMENTS_PER_LANE; ++x) acc[r][x] *= alpha;
             m[r] = m_new;
         }
 #pragma unroll
         for (int t = 0; t < KEYS_PER_STEP; ++t) {
-            accum_t value_wide[VECTORS_PER_LANE * VECTOR_ELEMENTS];  // the value, widened once for every row
+            accum_t value_wide[ELEMENTS_PER_LANE];  // the value, widened once for every row
 #pragma unroll
             for (int c = 0; c < VECTORS_PER_LANE; ++c) {
 #pragma unroll
-                for (int e = 0; e < VECTOR_ELEMENTS; ++e) value_wide[c * VECTOR_ELEMENTS + e] = widen(value_vectors[t][c].x[e]);
+                for (int e = 0; e < VECTOR_ELEMENTS; ++e) {
+                    value_wide[c * VECTOR_ELEMENTS + e] = widen(value_vectors[t][c].x[e]);
+                }
             }
 #pragma unroll
             for (int r = 0; r < ROWS_PER_BLOCK; ++r) {
 #pragma unroll
-                for (int x = 0; x < VECTORS_PER_LANE * VECTOR_ELEMENTS; ++x) {
+                for (int x = 0; x < ELEMENTS_PER_LANE; ++x) {
 #if ONE_QUERY
                     // Every row of the block sits at one position and sees the same
                     // keys, and a key none sees was never read: p v is exactly 0 there.
@@ -232,10 +254,11 @@ refattn_decode_split(
             const accum_t denominator_other = __shfl_xor_sync(FULL_WARP_MASK, denominator[r], off);
             const accum_t m_new = max_of(m[r], max_other);
             const accum_t a = m_new == NEGATIVE_INFINITY ? accum_t(0) : exp_of(m[r] - m_new);
-            const accum_t weight_other = m_new == NEGATIVE_INFINITY ? accum_t(0) : exp_of(max_other - m_new);
+            const accum_t weight_other =
+                m_new == NEGATIVE_INFINITY ? accum_t(0) : exp_of(max_other - m_new);
             denominator[r] = denominator[r] * a + denominator_other * weight_other;
 #pragma unroll
-            for (int x = 0; x < VECTORS_PER_LANE * VECTOR_ELEMENTS; ++x) {
+            for (int x = 0; x < ELEMENTS_PER_LANE; ++x) {
                 const accum_t acc_other = __shfl_xor_sync(FULL_WARP_MASK, acc[r][x], off);
                 acc[r][x] = acc[r][x] * a + acc_other * weight_other;
             }
@@ -258,7 +281,7 @@ refattn_decode_split(
             for (int c = 0; c < VECTORS_PER_LANE; ++c) {
 #pragma unroll
                 for (int e = 0; e < VECTOR_ELEMENTS; ++e) {
-                    const int d = c * LANES_PER_KEY * VECTOR_ELEMENTS + lane_in_worker * VECTOR_ELEMENTS + e;
+                    const int d = c * VECTOR_STRIDE + lane_in_worker * VECTOR_ELEMENTS + e;
                     if (d < DV) slot[2 + d] = acc[r][c * VECTOR_ELEMENTS + e];
                 }
             }
@@ -271,7 +294,9 @@ refattn_decode_split(
         const int row = row_group * ROWS_PER_BLOCK + r;
         if (row >= n_rows) continue;
         accum_t m_all = NEGATIVE_INFINITY;
-        for (int w = 0; w < WARPS; ++w) m_all = max_of(m_all, shared[(w * ROWS_PER_BLOCK + r) * (DV + 2)]);
+        for (int w = 0; w < WARPS; ++w) {
+            m_all = max_of(m_all, shared[(w * ROWS_PER_BLOCK + r) * (DV + 2)]);
+        }
         accum_t l_all = accum_t(0), o_all = accum_t(0);
         if (m_all != NEGATIVE_INFINITY) {
             for (int w = 0; w < WARPS; ++w) {
@@ -294,7 +319,7 @@ refattn_decode_split(
 extern "C" __global__ void refattn_decode_merge(
     const accum_t* __restrict__ part_out,  // (splits, rows, DV)
     const accum_t* __restrict__ part_lse,  // (splits, rows)
-    storage_t* __restrict__ out,             // (rows, DV), the caller's dtype
+    storage_t* __restrict__ out,           // (rows, DV), the caller's dtype
     accum_t* __restrict__ lse,             // (rows,)
     int splits, long long rows, int DV)
 {
