@@ -73,6 +73,14 @@ def test_make_cache_keeps_each_kinds_own_defaults() -> None:
     }  # fmt: skip
 
 
+def test_a_paged_pool_derived_from_a_bad_block_size_or_max_len_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1; got 0"):
+        make_cache("paged", max_len=8, block_size=0, **SHAPE)
+    with pytest.raises(ValueError, match="max_len must be an integer >= 1; got 0"):
+        make_cache("paged", max_len=0, **SHAPE)
+    assert make_cache("paged", max_len=8, num_blocks=3, **SHAPE).num_blocks == 3
+
+
 def test_quantized_and_static_caches_write_the_same_slots_for_a_ragged_update() -> None:
     rng = np.random.default_rng(1)
     static = StaticCache(max_len=6, **SHAPE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from refattn.caches.base import KVCache
+from refattn.caches.base import KVCache, _check_count
 from refattn.caches.cross import CrossAttentionCache
 from refattn.caches.dynamic import DynamicCache
 from refattn.caches.paged import PagedCache
@@ -40,9 +40,9 @@ def make_cache(kind: str, *, max_len: int, **arguments: Any) -> KVCache:
     ``head_dim``, ``dtype``, ...) and the kind's own, passed through with the
     kind's own defaults. ``max_len`` is what each kind needs of it: static and
     quantized caches preallocate it, a paged cache gets enough blocks for
-    every row to reach it, and a sliding cache without a ``window`` keeps that
-    many, so it never drops a key. A keyword the kind does not take is a
-    TypeError naming it.
+    every row to reach it (unless ``num_blocks`` is named), and a sliding
+    cache without a ``window`` keeps that many, so it never drops a key. A
+    keyword the kind does not take is a TypeError naming it.
 
     >>> make_cache("paged", batch=2, kv_heads=1, head_dim=4, max_len=20, block_size=8).num_blocks
     6
@@ -58,11 +58,16 @@ def make_cache(kind: str, *, max_len: int, **arguments: Any) -> KVCache:
     unknown = sorted(set(arguments) - set(own) - set(_COMMON))
     if unknown:
         raise TypeError(f"a {kind} cache takes no {', '.join(unknown)}; its own keywords are {own}")
+    _check_count("max_len", max_len, minimum=1)
     if kind == "sliding":
         arguments.setdefault("window", max_len)
     if kind == "paged":
         block_size = arguments.setdefault("block_size", PagedCache.DEFAULT_BLOCK_SIZE)
-        arguments.setdefault("num_blocks", arguments["batch"] * -(-max_len // block_size))
+        if "num_blocks" not in arguments:
+            # Checked here, before the pool's size is derived from them.
+            _check_count("block_size", block_size, minimum=1)
+            _check_count("batch", arguments.get("batch"), minimum=1)
+            arguments["num_blocks"] = arguments["batch"] * -(-max_len // block_size)
     if "max_len" in own:
         arguments["max_len"] = max_len
     return cls(**arguments)

@@ -19,8 +19,8 @@ class SlidingWindowCache(KVCache):
     are not in position order once the ring wraps, and ``k_pos`` says which
     position each slot holds (-1 for a slot never written).
 
-    The queries of an update attend with ``window=cache.window`` and
-    ``sink_tokens=cache.sink_tokens``:
+    The queries of an update attend with ``**cache.attention_options``, that is
+    ``window=cache.window`` and ``sink_tokens=cache.sink_tokens``:
 
     - a one-token update returns the slots after the write, which hold exactly
       the sinks and the last ``window`` positions: nothing else to mask;
