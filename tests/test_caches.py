@@ -79,15 +79,13 @@ def cache_case(request: pytest.FixtureRequest) -> Case:
     return case
 
 
-STORAGE = ("keys", "values", "key_blocks", "value_blocks", "key_scales", "value_scales")
-
-
 def poison_storage(cache: KVCache) -> None:
-    """Fill the float storage a cache has not written yet with NaN."""
+    """Fill the float storage a cache has not written yet with NaN (the arrays its kind
+    names as ``STORAGE``; integer codes cannot hold NaN, their scales can)."""
     xp = cache.xp
-    for name in STORAGE:
+    for name in type(cache).STORAGE:
         x = getattr(cache, name, None)
-        if x is not None:
+        if x is not None and xp.isdtype(x.dtype, "real floating"):
             setattr(cache, name, xp.full(x.shape, xp.nan, dtype=x.dtype, device=cache.device))
 
 
