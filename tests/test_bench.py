@@ -3,6 +3,7 @@ time a wrong answer quietly. No timing is asserted: only that times exist and ar
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import refattn
+from refattn.bench import PEERS, Shape, command
 from refattn.cli import main
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -38,17 +40,22 @@ def test_bench_writes_a_row_per_mode_backend_and_path_with_times_and_machine(
     assert code == 0, printed
     assert set(report) == {"rows", "bandwidth", "machine", "settings", "skipped"}
     rows = report["rows"]
-    seen = {(r["mode"], r["seq_len"], r["backend"], r["implementation"]) for r in rows}
+    shapes = [Shape(**r["shape"]) for r in rows]  # a row's shape is nested, whole
+    pairs = list(zip(shapes, rows, strict=True))
+    seen = {(s.mode, s.seq_len, r["backend"], r["implementation"]) for s, r in pairs}
     for backend in BACKENDS:
         for mode, s in (("decode", 16), ("decode", 24), ("prefill", 12)):
             assert (mode, s, backend, "refattn.attention") in seen
             assert (mode, s, backend, "refattn.attention_blockwise") in seen
-    assert {r["q_len"] for r in rows if r["mode"] == "decode"} == {1}
-    assert {r["q_len"] for r in rows if r["mode"] == "prefill"} == {12}
-    for row in rows:
+    assert {(s.q_heads, s.kv_heads) for s in shapes if s.mode == "decode"} == {(4, 2)}
+    assert {(s.q_heads, s.kv_heads) for s in shapes if s.mode == "prefill"} == {(2, 2)}
+    for shape, row in pairs:
+        assert "mode" not in row and "seq_len" not in row  # not repeated beside the shape
         assert row["median_s"] > 0 and row["min_s"] <= row["median_s"]
-        assert row["kv_bytes"] == 2 * 1 * row["kv_heads"] * row["seq_len"] * 8 * 4
-        assert row["floor_s"] == pytest.approx(row["kv_bytes"] / row["read_bandwidth"])
+        assert shape.kv_bytes == 2 * 1 * shape.kv_heads * shape.seq_len * 8 * 4
+        assert row["floor_s"] == pytest.approx(shape.kv_bytes / row["read_bandwidth"])
+        assert row["kv_bandwidth"] == pytest.approx(shape.kv_bytes / row["median_s"])
+        assert row["gflops"] == pytest.approx(shape.flops / row["median_s"] / 1e9)
     blockwise = [r for r in rows if r["implementation"] == "refattn.attention_blockwise"]
     assert {(r["block_q"], r["block_k"]) for r in blockwise} == {(8, 8)}
     assert {(b["backend"], b["device"]) for b in report["bandwidth"]} >= {("numpy", "cpu")}
@@ -64,7 +71,9 @@ def test_bench_checks_every_row_against_sdpa_and_gives_ratios_to_torch(tmp_path:
     _, report = _bench(tmp_path)
     rows = report["rows"]
     peers = {
-        (r["mode"], r["seq_len"], r["implementation"]) for r in rows if r["backend"] == "torch"
+        (r["shape"]["mode"], r["shape"]["seq_len"], r["implementation"])
+        for r in rows
+        if r["backend"] == "torch"
     }
     assert ("decode", 16, "torch SDPA") in peers and ("prefill", 12, "torch matmul") in peers
     # Peers on the CPU serve NumPy and torch-CPU alike: timed once per shape.
@@ -156,3 +165,28 @@ def test_the_fused_cupy_kernel_is_planned_for_cupy_decode_rows_only() -> None:
         for mode in ("decode", "prefill"):
             paths = {j.implementation for j in jobs if (j.backend, j.shape.mode) == (backend, mode)}
             assert set(SPEC_PATHS) <= paths
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs a second backend to tell the two apart")
+def test_bench_times_the_backends_it_is_given_whatever_refattn_backends_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REFATTN_BACKENDS", "torch")
+    code, report = _bench(tmp_path, "--backends", "numpy", "--mode", "decode")
+    assert code == 0
+    spec_rows = [r for r in report["rows"] if r["implementation"] not in PEERS]
+    assert spec_rows and {r["backend"] for r in spec_rows} == {"numpy"}
+    assert report["settings"]["backends"] == ["numpy cpu"]
+
+
+def test_bench_command_declares_the_options_and_defaults_of_refattn_bench() -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.mode, args.seq_lens, args.block_k, args.block_q) == (
+        "decode,prefill", "1024,4096,16384", 512, None
+    )  # fmt: skip
+    assert (args.repeats, args.warmup, args.backends, args.json) == (5, 1, None, None)
+    assert command.HELP and "refattn.bench" in command.DESCRIPTION
+    with pytest.raises(ValueError, match="expected comma-separated integers; got '1,two'"):
+        command.comma_separated_ints("1,two")

@@ -102,7 +102,12 @@ from refattn.bench.run import Result, Row, main, run
 from refattn.bench.shapes import MODES, Grid, Settings, Shape
 from refattn.bench.timing import Bandwidth, cuda_event_seconds, measure_bandwidth, time_calls
 
+# The tolerances of the check live with every other tolerance; bench's own module
+# exported them, so ``refattn.bench.AGREEMENT`` still names them.
+from refattn.testing.tolerance import AGREEMENT
+
 __all__ = [
+    "AGREEMENT",
     "FUSED",
     "MODES",
     "PEERS",

@@ -200,9 +200,14 @@ def plot(result: Result, path: str) -> str:
 
 
 def to_json(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
-    """The run as plain data: rows, bandwidths, machine, settings and what was skipped."""
+    """The run as plain data: rows, bandwidths, machine, settings and what was skipped.
+
+    A row's shape is nested under ``"shape"``, as :class:`~refattn.bench.shapes.Shape`'s
+    fields: ``Shape(**row["shape"])`` gives it back, with its sizes (``q_len``,
+    ``kv_bytes``, ``flops``).
+    """
     return {
-        "rows": [row.record() for row in result.rows],
+        "rows": [asdict(row) for row in result.rows],
         "bandwidth": [asdict(b) for b in result.bandwidths],
         "machine": machine_info(),
         "settings": settings,

@@ -50,11 +50,6 @@ class Row:
     max_abs_diff: float | None = None
     agrees: bool | None = None  # None when there was nothing to compare with
 
-    def record(self) -> dict[str, Any]:
-        """The row as flat JSON data: its shape's fields and sizes, then its own."""
-        own = {name: value for name, value in asdict(self).items() if name != "shape"}
-        return {**self.shape.record(), **own}
-
 
 @dataclass
 class Result:

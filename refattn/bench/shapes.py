@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 MODES = ("decode", "prefill")
 
@@ -37,6 +36,7 @@ class Shape:
 
     @property
     def q_len(self) -> int:
+        """Queries per head: one for a decode step, S for a prefill."""
         return 1 if self.mode == "decode" else self.seq_len
 
     @property
@@ -55,11 +55,6 @@ class Shape:
         S = self.seq_len
         pairs = S if self.mode == "decode" else S * (S + 1) // 2
         return 2 * self.batch * self.q_heads * pairs * 2 * self.head_dim
-
-    def record(self) -> dict[str, Any]:
-        """The shape as flat JSON data, with the sizes it implies."""
-        return {**asdict(self), "q_len": self.q_len, "kv_bytes": self.kv_bytes,
-                "flops": self.flops}  # fmt: skip
 
     @property
     def label(self) -> str:
