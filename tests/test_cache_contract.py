@@ -78,7 +78,8 @@ def test_a_paged_pool_derived_from_a_bad_block_size_or_max_len_is_refused_by_nam
         make_cache("paged", max_len=8, block_size=0, **SHAPE)
     with pytest.raises(ValueError, match="max_len must be an integer >= 1; got 0"):
         make_cache("paged", max_len=0, **SHAPE)
-    assert make_cache("paged", max_len=8, num_blocks=3, **SHAPE).num_blocks == 3
+    named = make_cache("paged", max_len=8, num_blocks=3, **SHAPE)
+    assert isinstance(named, PagedCache) and named.num_blocks == 3
 
 
 def test_quantized_and_static_caches_write_the_same_slots_for_a_ragged_update() -> None:
