@@ -2,7 +2,7 @@
 
 Each subcommand is a module that declares its own arguments (``HELP``,
 ``DESCRIPTION``, ``add_arguments``) and runs them (``run``); this module
-only finds it.
+finds it, and reads the comma-separated lists every subcommand takes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import overload
 
 import refattn
 
@@ -34,6 +35,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code: int = modules[args.command].run(args, subcommands.choices[args.command])
     return code
+
+
+@overload
+def comma_separated(text: str) -> list[str]: ...
+@overload
+def comma_separated(text: None) -> None: ...
+def comma_separated(text: str | None) -> list[str] | None:
+    """``"a, b"`` as ``["a", "b"]``; None (an option not given) stays None.
+
+    >>> comma_separated("numpy, torch"), comma_separated(None)
+    (['numpy', 'torch'], None)
+    """
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def comma_separated_ints(text: str) -> list[int]:
+    """``"1024, 4096"`` as ``[1024, 4096]``.
+
+    >>> comma_separated_ints("1024, 4096")
+    [1024, 4096]
+    """
+    try:
+        return [int(n) for n in comma_separated(text)]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers; got {text!r}") from None
 
 
 if __name__ == "__main__":

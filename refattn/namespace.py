@@ -85,18 +85,18 @@ def compute_dtype_name(name: str) -> str:
     return "float32" if name in LOW_PRECISION else name
 
 
-def is_low_precision(xp: Namespace, dtype: Any) -> bool:
+def is_low_precision(dtype: Any) -> bool:
     """True for float16 and bfloat16 (NumPy's bfloat16 comes from ml_dtypes).
 
     array-api-strict has no float16, so the dtype's name is compared, not an
-    attribute of ``xp`` that may not exist.
+    attribute of the namespace that may not exist.
     """
     return dtype_name(dtype) in LOW_PRECISION
 
 
 def is_floating(xp: Namespace, dtype: Any) -> bool:
     """True for the floating dtypes the spec accepts for q, k and v."""
-    return dtype in (xp.float32, xp.float64) or is_low_precision(xp, dtype)
+    return dtype in (xp.float32, xp.float64) or is_low_precision(dtype)
 
 
 def compute_dtype(xp: Namespace, dtype: Any) -> Any:
@@ -106,4 +106,4 @@ def compute_dtype(xp: Namespace, dtype: Any) -> Any:
     >>> compute_dtype(xp, xp.float16) == xp.float32, compute_dtype(xp, xp.float64) == xp.float64
     (True, True)
     """
-    return xp.float32 if is_low_precision(xp, dtype) else dtype
+    return xp.float32 if is_low_precision(dtype) else dtype

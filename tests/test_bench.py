@@ -15,7 +15,7 @@ import pytest
 
 import refattn
 from refattn.bench import PEERS, Shape, command
-from refattn.cli import main
+from refattn.cli import comma_separated_ints, main
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 BACKENDS = ["numpy", "torch"] if HAS_TORCH else ["numpy"]
@@ -189,4 +189,4 @@ def test_bench_command_declares_the_options_and_defaults_of_refattn_bench() -> N
     assert (args.repeats, args.warmup, args.backends, args.json) == (5, 1, None, None)
     assert command.HELP and "refattn.bench" in command.DESCRIPTION
     with pytest.raises(ValueError, match="expected comma-separated integers; got '1,two'"):
-        command.comma_separated_ints("1,two")
+        comma_separated_ints("1,two")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from refattn.cli import comma_separated, comma_separated_ints
+
 HELP = "time decode steps and prefills against PyTorch SDPA and the memory bandwidth"
 DESCRIPTION = (
     "Time refattn.attention and refattn.attention_blockwise on each backend against PyTorch "
@@ -72,30 +74,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             block_q=args.block_q, block_k=args.block_k, repeats=args.repeats,
             warmup=args.warmup, seed=args.seed, bandwidth_mib=args.bandwidth_mib,
         )  # fmt: skip
-        backends = comma_separated(args.backends) if args.backends is not None else None
+        backends = comma_separated(args.backends)
         for name in backends or []:
             get(name)
     except ValueError as error:
         parser.error(str(error))
     return main(grid, settings, backends=backends, json_path=args.json, plot_path=args.plot)
-
-
-def comma_separated(text: str) -> list[str]:
-    """``"a, b"`` as ``["a", "b"]``.
-
-    >>> comma_separated("decode, prefill")
-    ['decode', 'prefill']
-    """
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def comma_separated_ints(text: str) -> list[int]:
-    """``"1024, 4096"`` as ``[1024, 4096]``.
-
-    >>> comma_separated_ints("1024, 4096")
-    [1024, 4096]
-    """
-    try:
-        return [int(n) for n in comma_separated(text)]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers; got {text!r}") from None

@@ -195,7 +195,7 @@ def flash_attn_func(problem: AttentionProblem) -> Any:
     device = _cuda_device(problem)
     q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
     q_pos, k_pos = _as_torch(problem.q_pos, device), _as_torch(problem.k_pos, device)
-    _check_flash_shapes(problem, q, k, v)
+    _check_flash_shapes(problem, q, v)
     lengths = _cache_lengths(q_pos, k_pos)
     Sk = k.shape[2]
     if lengths is None or bool((lengths != Sk).any()):
@@ -232,7 +232,7 @@ def flash_attn_with_kvcache(problem: AttentionProblem) -> Any:
     device = _cuda_device(problem)
     q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
     q_pos, k_pos = _as_torch(problem.q_pos, device), _as_torch(problem.k_pos, device)
-    _check_flash_shapes(problem, q, k, v)
+    _check_flash_shapes(problem, q, v)
     Sk = k.shape[2]
     if Sk == 0:
         raise Unsupported("flash_attn_with_kvcache needs a cache of at least one slot")
@@ -374,7 +374,7 @@ def _cuda_device(problem: AttentionProblem) -> str:
     return device if device.startswith("cuda") else "cuda"
 
 
-def _check_flash_shapes(problem: AttentionProblem, q: Any, k: Any, v: Any) -> None:
+def _check_flash_shapes(problem: AttentionProblem, q: Any, v: Any) -> None:
     """Unsupported for dtypes and head dims flash-attn 2 does not take."""
     if problem.dtype not in ("float16", "bfloat16"):
         raise Unsupported(f"flash-attn takes float16 and bfloat16, not {problem.dtype}")

@@ -20,6 +20,7 @@ from rich.progress import TaskID
 from rich.table import Table
 
 from refattn.backends import get
+from refattn.cli import comma_separated
 from refattn.console import make_console, progress_bar, write_json
 from refattn.testing.report import Report
 
@@ -80,15 +81,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         histories=args.histories, seed=args.seed, dtypes=dtypes, backends=backends,
         json_path=args.json,
     )  # fmt: skip
-
-
-def comma_separated(text: str | None) -> list[str] | None:
-    """``"a, b"`` as ``["a", "b"]``; None stays None.
-
-    >>> comma_separated("numpy, torch")
-    ['numpy', 'torch']
-    """
-    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
 
 
 def check_candidate(
