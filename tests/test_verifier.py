@@ -34,6 +34,7 @@ from refattn.testing.drawing import DEFAULT_FEATURES, FEATURES, features_of
 from refattn.testing.known_bugs import CORRECT_CACHES, WRONG_CACHES
 from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
 from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
+from refattn.testing.known_bugs.attention import FEATURES as WRONG_FEATURES
 from refattn.testing.known_bugs.attention import textbook
 from refattn.testing.report import size
 from refattn.testing.strategies import append_schedules, attention_specs, ragged_schedules
@@ -106,20 +107,21 @@ def test_ragged_schedules_take_at_most_t_tokens_per_row(steps: list[tuple[int, l
 @pytest.mark.parametrize("name", sorted(WRONG))
 def test_every_wrong_kernel_is_caught_with_a_shrunk_reproducer(name: str) -> None:
     fn, dtypes = WRONG[name]
-    report = check_attention(fn, dtypes=dtypes)  # default max_examples, a fresh seed
+    # default max_examples, a fresh seed
+    report = check_attention(fn, dtypes=dtypes, features=WRONG_FEATURES.get(name))
     assert not report.passed, report
-    failure = report.failures[0]
-    assert failure.examples <= 200
-    # The shrunk problem still fails on its own, and its reproducer says so.
-    o = failure.outcome
-    assert isinstance(o.spec, ProblemSpec)
-    assert check_problem(fn, o.spec, backend=o.backend, dtype=o.dtype).failed
-    code = failure.to_code()
-    assert f"from refattn.testing.known_bugs.attention import {name}" in code
-    with pytest.raises(AssertionError):
-        exec(code, {})
-    # Shrinking made it no bigger than it was found.
-    assert failure.found is not None and size(o.spec) <= size(failure.found), failure
+    for failure in report.failures:  # every class found
+        assert failure.examples <= 200
+        # The shrunk problem still fails on its own, and its reproducer says so.
+        o = failure.outcome
+        assert isinstance(o.spec, ProblemSpec)
+        assert check_problem(fn, o.spec, backend=o.backend, dtype=o.dtype).failed
+        code = failure.to_code()
+        assert f"from refattn.testing.known_bugs.attention import {name}" in code
+        with pytest.raises(AssertionError):
+            exec(code, {})
+        # Shrinking made it no bigger than it was found.
+        assert failure.found is not None and size(o.spec) <= size(failure.found), failure
 
 
 @pytest.mark.parametrize("name", sorted(CORRECT))
@@ -232,10 +234,13 @@ def test_report_to_dict_carries_counts_and_the_reproducer() -> None:
     fn, dtypes = WRONG["unscaled"]
     data = check_attention(fn, dtypes=dtypes, seed=0).to_dict()
     assert data["passed"] is False
-    assert data["counts"]["float32"]["all"]["failed"] == 1
-    (failure,) = data["failures"]
-    assert failure["error"] > failure["allowed"]
-    assert "check_problem(unscaled" in failure["code"]
+    failed = data["counts"]["float32"]["all"]["failed"]
+    assert failed == sum(f["draws"] for f in data["failures"])  # every failing draw sorted
+    assert data["first_failure"]["float32"] <= 200 and data["seconds"]["float32"] > 0
+    for failure in data["failures"]:
+        out_wrong = failure["error"] > failure["allowed"]
+        assert out_wrong or failure["lse_error"] > failure["lse_allowed"]
+        assert "check_problem(unscaled" in failure["code"]
 
 
 # -- caches ---------------------------------------------------------------------

@@ -10,7 +10,8 @@ Two systems live here, each written once:
   :mod:`~refattn.testing.drawing`), the Hypothesis strategies
   (:mod:`~refattn.testing.strategies`), what a candidate is handed and how it
   is run (:mod:`~refattn.testing.candidate`), the search
-  (:mod:`~refattn.testing.search`), the verdict on one problem
+  (:mod:`~refattn.testing.search`) and its shrinking
+  (:mod:`~refattn.testing.shrink`), the verdict on one problem
   (:mod:`~refattn.testing.verdict`, by the rule of
   :mod:`~refattn.testing.tolerance`), the report
   (:mod:`~refattn.testing.report`), the two checks
@@ -29,7 +30,7 @@ differently), to try a verdict on.
 
 from refattn.testing.attention_check import check_attention, check_problem, make_problem
 from refattn.testing.cache_check import check_cache, check_schedule
-from refattn.testing.candidate import AttentionProblem, Unsupported
+from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
 from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem
 from refattn.testing.report import Failure, FeatureCount, Outcome, Report
 from refattn.testing.tolerance import TOLERANCES, Tolerance, max_abs_error, spec_error_bound
@@ -45,6 +46,7 @@ __all__ = [
     "ProblemSpec",
     "Report",
     "Tolerance",
+    "Unavailable",
     "Unsupported",
     "build_problem",
     "check_attention",

@@ -23,7 +23,9 @@ adapter                      expresses                           raises Unsuppor
 PyTorch and flash-attn are imported inside the adapters, never when this
 module is: ``refattn.testing`` must stay importable, and cheap, where neither
 is installed, and must not pull a framework into a process that did not ask
-for it. An adapter for a missing peer raises ``Unsupported`` saying so.
+for it. An adapter for a peer that cannot run here (not installed, no GPU)
+raises :class:`~refattn.testing.candidate.Unavailable` saying so, and the
+check reports ``unavailable: torch is not installed`` rather than a failure.
 
 Examples
 --------
@@ -41,13 +43,14 @@ import contextlib
 import importlib.util
 import inspect
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from refattn.testing.candidate import AttentionProblem, Unsupported
+from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
 
 __all__ = ["flash_attn_func", "flash_attn_with_kvcache", "torch_flex_attention", "torch_sdpa"]
 
@@ -75,6 +78,7 @@ def torch_sdpa(problem: AttentionProblem) -> Any:
     Unsupported
         For softcap and for the log-sum-exp, which SDPA cannot express.
     """
+    _require("torch")
     if problem.softcap is not None:
         raise Unsupported("SDPA has no softcap")
     if problem.return_lse:
@@ -321,15 +325,25 @@ def _is_top_left(q_pos: Any, k_pos: Any) -> bool:
     return bool((q_pos == rows_q).all()) and bool((k_pos == rows_k).all())
 
 
+def _require(library: str) -> None:
+    """:class:`~refattn.testing.candidate.Unavailable` where ``library`` is not installed."""
+    if importlib.util.find_spec(library) is None:
+        raise Unavailable(f"{library} is not installed")
+
+
 def _flex_attention_module() -> Any:
-    """``torch.nn.attention.flex_attention``, or Unsupported where this torch lacks it."""
-    if importlib.util.find_spec("torch") is None:
-        raise Unsupported("torch is not installed")
+    """``torch.nn.attention.flex_attention``, or Unavailable where this torch lacks it."""
+    _require("torch")
     try:
         from torch.nn.attention import flex_attention
     except ImportError as exc:
-        raise Unsupported(f"this torch has no FlexAttention ({exc})") from None
+        raise Unavailable(f"this torch has no FlexAttention ({exc})") from None
     return flex_attention
+
+
+#: Who is inside :func:`_uncompiled` now, and the switch's value before the first came in.
+_FLEX_USERS = {"count": 0, "before": False}
+_FLEX_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -343,26 +357,36 @@ def _uncompiled(flex: Any) -> Iterator[None]:
     runs the same forward (``math_attention``) directly. The switch is put
     back afterwards; a torch without it runs the traced way, whose warning
     the caller silences.
+
+    The switch is one module attribute shared by every thread, so it is
+    counted: the first caller in turns it on and the last one out puts it
+    back; a thread leaving early cannot turn it off under another, nor leave
+    it on.
     """
     if not hasattr(flex, _FLEX_EAGER_SWITCH):
         yield
         return
-    before = getattr(flex, _FLEX_EAGER_SWITCH)
-    setattr(flex, _FLEX_EAGER_SWITCH, True)
+    with _FLEX_LOCK:
+        if _FLEX_USERS["count"] == 0:
+            _FLEX_USERS["before"] = getattr(flex, _FLEX_EAGER_SWITCH)
+            setattr(flex, _FLEX_EAGER_SWITCH, True)
+        _FLEX_USERS["count"] += 1
     try:
         yield
     finally:
-        setattr(flex, _FLEX_EAGER_SWITCH, before)
+        with _FLEX_LOCK:
+            _FLEX_USERS["count"] -= 1
+            if _FLEX_USERS["count"] == 0:
+                setattr(flex, _FLEX_EAGER_SWITCH, _FLEX_USERS["before"])
 
 
 def _flash_attn_module() -> Any:
-    """``flash_attn``, or Unsupported saying why it cannot run here."""
-    if importlib.util.find_spec("flash_attn") is None:
-        raise Unsupported("flash_attn is not installed")
+    """``flash_attn``, or Unavailable saying why it cannot run here."""
+    _require("flash_attn")
     import torch
 
     if not torch.cuda.is_available():
-        raise Unsupported("flash-attn needs CUDA")
+        raise Unavailable("flash-attn needs CUDA")
     import flash_attn
 
     return flash_attn

@@ -20,12 +20,13 @@ from typing import Any
 
 from refattn.testing.candidate import (
     AttentionProblem,
+    check_budget,
     new_report,
     on_backend,
     resolve_case,
     run_candidate,
 )
-from refattn.testing.drawing import features_of, resolve_features
+from refattn.testing.drawing import corners_of, features_of, resolve_features
 from refattn.testing.problems import ProblemSpec, build_problem
 from refattn.testing.report import Outcome, Report
 from refattn.testing.search import search
@@ -81,8 +82,9 @@ def check_attention(
     max_examples: int = 200,
     seed: int | None = None,
     on_example: Callable[[Outcome], None] | None = None,
+    max_failures: int = 5,
 ) -> Report:
-    """Search for a problem on which ``fn`` disagrees with the spec; shrink it.
+    """Search for problems on which ``fn`` disagrees with the spec; shrink each kind found.
 
     Parameters
     ----------
@@ -97,12 +99,16 @@ def check_attention(
         None draws everything but ``unseen_nan``
     seed : makes the search repeatable; None draws a fresh one
     on_example : called with every :class:`Outcome` of the search (a progress bar)
+    max_failures : how many classes of failure to find and shrink per dtype
+        (:mod:`refattn.testing.search`); 1 stops at the first failure
 
     Returns
     -------
     Report
-        ``passed``, per-feature counts, and for each failing dtype the shrunk
-        problem with its error, its bound and a reproducer (``to_code()``).
+        ``passed``, per-feature counts, the reasons problems were refused, and
+        each class of failure found: the shrunk problem with its error, its
+        bound and a reproducer (``to_code()``), and what its failing draws
+        have in common.
 
     Examples
     --------
@@ -116,6 +122,8 @@ def check_attention(
     >>> check_attention(mine, max_examples=20, seed=0).passed
     True
     """
+    max_examples = check_budget("max_examples", max_examples)
+    max_failures = check_budget("max_failures", max_failures)
     chosen = resolve_features(features)
     report = new_report(fn, backend, device, dtypes, chosen)
     strategy = attention_specs(chosen)
@@ -125,5 +133,9 @@ def check_attention(
             outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device)
             return outcome, features_of(spec)
 
-        search(report, one, strategy, dtype, max_examples, seed, on_example)
+        search(report, one, strategy, dtype, max_examples=max_examples, seed=seed,
+               on_example=on_example, allowed=lambda spec: features_of(spec) <= chosen,
+               corners=corners_of, max_failures=max_failures)  # fmt: skip
+        if report.unavailable:
+            break
     return report

@@ -19,10 +19,11 @@ its inputs instead of a copy shows NaN.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from refattn.testing.candidate import new_report, resolve_case, run_candidate
+from refattn.testing.candidate import check_budget, new_report, resolve_case, run_candidate
 from refattn.testing.decoding import decode, uniform_steps
 from refattn.testing.problems import CacheSpec, cache_history
 from refattn.testing.report import Outcome, Report
@@ -45,7 +46,10 @@ def check_schedule(
     """Decode one history through a new cache from ``factory``; judge it by the tolerance rule.
 
     ``factory(batch=, kv_heads=, head_dim=, max_len=, dtype=, device=, xp=)``
-    makes an empty cache (refattn's ``StaticCache`` takes exactly these).
+    makes an empty cache (refattn's ``StaticCache`` takes exactly these); it is
+    handed only the keywords it names, and the history's window, sink tokens
+    and bits when it names those (refattn's cache classes are factories as
+    they stand).
 
     >>> import refattn
     >>> from refattn.testing.problems import CacheSpec
@@ -62,9 +66,11 @@ def check_schedule(
     sample = case.backend.asarray(arrays["q"][:0], dtype=dtype, device=case.device)
 
     def decoded() -> Any:
-        cache = factory(batch=spec.batch, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
-                        max_len=spec.length, dtype=sample.dtype, device=case.device,
-                        xp=case.backend.namespace())  # fmt: skip
+        common = {"batch": spec.batch, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
+                  "max_len": spec.length, "dtype": sample.dtype, "device": case.device,
+                  "xp": case.backend.namespace()}  # fmt: skip
+        own = {"window": spec.window, "sink_tokens": spec.sink_tokens, "bits": spec.bits}
+        cache = factory(**_accepted(factory, common, own))
         return decode(cache, case, history, uniform_steps(spec.steps, spec.batch), **window)
 
     result, failed = run_candidate(start, decoded)
@@ -77,6 +83,37 @@ def check_schedule(
         q, k, v = history["q"], history["k"], history["v"]
         out_allowed += quantized_error_bound(q, k, v, bits=spec.bits, dtype=dtype)
     return start.but(error=max_abs_error(result, ref_out), allowed=out_allowed)
+
+
+def _accepted(factory: CacheFactory, common: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The keywords ``factory`` takes: of ``common``, those it names (all of them if it takes
+    any keyword); of the cache's ``own`` (window, sink tokens, bits), those it names. So
+    ``refattn.DynamicCache``, which has no ``max_len``, and ``refattn.SlidingWindowCache``,
+    whose ``window`` the check is given, are factories as they stand."""
+    named, takes_any = _parameters(factory)
+    chosen = {n: x for n, x in common.items() if takes_any or n in named}
+    return chosen | {n: x for n, x in own.items() if n in named and x is not None}
+
+
+def _parameters(factory: CacheFactory) -> tuple[set[str], bool]:
+    """The keyword names ``factory`` declares, and whether it also takes any other.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base is read down
+    its bases to the first ``__init__`` that takes no ``**kwargs``.
+    """
+    functions = [factory]
+    if inspect.isclass(factory):
+        functions = [c.__dict__["__init__"] for c in factory.__mro__ if "__init__" in c.__dict__]
+    named: set[str] = set()
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: it may take anything
+            return named, True
+        named |= {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return named, False
+    return named, True
 
 
 def check_cache(
@@ -92,6 +129,7 @@ def check_cache(
     max_examples: int = 100,
     seed: int | None = None,
     on_example: Callable[[Outcome], None] | None = None,
+    max_failures: int = 5,
 ) -> Report:
     """Search for a decoding history on which a cache breaks attention; shrink it.
 
@@ -106,6 +144,7 @@ def check_cache(
     bits : the cache quantizes to this many bits: allow
         :func:`~refattn.testing.tolerance.quantized_error_bound` on top
     max_len : the longest history drawn
+    max_failures : how many classes of failure to find and shrink per dtype
 
     Examples
     --------
@@ -116,6 +155,9 @@ def check_cache(
     >>> check_cache(ring, window=4, sink_tokens=1, max_examples=10, seed=0).passed
     True
     """
+    max_examples = check_budget("max_examples", max_examples)
+    max_failures = check_budget("max_failures", max_failures)
+    max_len = check_budget("max_len", max_len)
     report = new_report(factory, backend, device, dtypes, frozenset())
     strategy = cache_specs(window=window, sink_tokens=sink_tokens, bits=bits, max_len=max_len)
     for dtype in report.dtypes:
@@ -125,5 +167,9 @@ def check_cache(
                                      device=report.device)  # fmt: skip
             return outcome, cache_features_of(spec)
 
-        search(report, one, strategy, dtype, max_examples, seed, on_example)
+        search(report, one, strategy, dtype, max_examples=max_examples, seed=seed,
+               on_example=on_example, allowed=lambda spec: spec.length <= max_len,
+               corners=lambda spec: frozenset(), max_failures=max_failures)  # fmt: skip
+        if report.unavailable:
+            break
     return report

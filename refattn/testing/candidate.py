@@ -10,7 +10,9 @@ a crash, into an :class:`~refattn.testing.report.Outcome`, for
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ from refattn.testing.report import Outcome, Report
 
 class Unsupported(Exception):
     """Raised by a candidate for a problem its kernel cannot express; counted, not failed."""
+
+
+class Unavailable(Unsupported):
+    """Raised by a candidate that cannot run here at all (its library is not installed, or
+    needs a GPU): the check stops and says so, ``unavailable: <reason>``, instead of
+    counting every problem as refused or blaming the kernel."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +118,24 @@ def resolve_case(backend: str, device: str | None, dtype: str) -> Case:
 def run_candidate(start: Outcome, call: Callable[[], Any]) -> tuple[Any, Outcome | None]:
     """``call()``'s result and None; or, when it raised, None and the outcome that says so.
 
-    :class:`Unsupported` is counted as unsupported; any other exception is a
-    failure (shrunk like any other), naming where it was raised.
+    :class:`Unsupported` is counted as unsupported (:class:`Unavailable` also
+    stops the check). Anything else raised, ``SystemExit`` and other
+    ``BaseException`` included, is a failure (shrunk like any other) naming the
+    exception and where it was raised; only ``KeyboardInterrupt`` goes through,
+    so that a user can still stop a check.
     """
     try:
         return call(), None
+    except Unavailable as exc:
+        return None, start.but(unsupported=str(exc) or "unavailable", unavailable=True)
     except Unsupported as exc:
         return None, start.but(unsupported=str(exc) or "unsupported")
-    except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return None, start.but(message=f"raised {exc!r} at {where.filename}:{where.lineno}")
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        return None, start.but(message=f"raised {exc!r}{where}", raised=type(exc).__name__)
 
 
 def checked_dtypes(dtypes: Iterable[str]) -> tuple[str, ...]:
@@ -137,12 +153,23 @@ def new_report(
     features: frozenset[str],
 ) -> Report:  # fmt: skip
     """An empty report for a check of ``candidate``, every dtype already known to run there."""
+    if not callable(candidate):
+        raise TypeError(f"the candidate must be callable; got {candidate!r}")
     chosen = checked_dtypes(dtypes)
     case = resolve_case(backend, device, chosen[0])
     for dtype in chosen:
         resolve_case(backend, case.device, dtype)
     return Report(name=qualified_name(candidate), backend=backend, device=case.device,
-                  dtypes=chosen, features=features)  # fmt: skip
+                  dtypes=chosen, features=features, source=source_of(candidate))  # fmt: skip
+
+
+def check_budget(name: str, n: Any) -> int:
+    """A number of problems to try: a positive integer, since zero would check nothing."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"{name} must be a positive integer; got {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer (0 would check nothing); got {n}")
+    return int(n)
 
 
 def qualified_name(fn: Callable[..., Any]) -> str:
@@ -150,3 +177,17 @@ def qualified_name(fn: Callable[..., Any]) -> str:
     module = getattr(fn, "__module__", None) or "__main__"
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}:{name}"
+
+
+def source_of(fn: Callable[..., Any]) -> str:
+    """``file:line`` where ``fn`` is defined (the file relative to the working directory when
+    it lies below it), or "" where that is not known (a builtin, a REPL)."""
+    try:
+        path = inspect.getsourcefile(fn) or ""
+        _, line = inspect.getsourcelines(fn)
+    except (TypeError, OSError):
+        return ""
+    if not path or not os.path.exists(path):
+        return ""
+    relative = os.path.relpath(path)
+    return f"{path if relative.startswith('..') else relative}:{line}"

@@ -18,14 +18,23 @@ feature           what it draws
 ``positions``     positions other than the defaults: top-left alignment, rows
                   whose queries sit at different positions
 ``empty_slots``   key slots with ``k_pos = -1`` (padding, holes, empty ring
-                  slots, per-row lengths), so also fully masked rows and Sk = 0
+                  slots), so also fully masked rows and Sk = 0
+``ragged``        per-row lengths: row b holds its own number of keys, then
+                  empty slots (``cache_seqlens``) or after left padding
 ``window``        a sliding window, including its edges ``q - k = W - 1, W``
 ``softcap``       tanh soft-capping of the scores, caps from 0.5 to 50
 ``alibi``         ALiBi slopes, per head or per (batch, head)
 ``lse``           the log-sum-exp is asked for as well
-``long``          rows of 64 to 1024 keys, where low-precision sums drift
-``large_logits``  scores near 1e4, which overflow a softmax without max subtraction
-``unseen_nan``    NaN in every slot no query may see (off by default: only kernels
+``long``          rows of 64 to 4096 keys, where low-precision sums drift (a
+                  float16 accumulator shows past a few thousand)
+``tiles``         Sk, and often Sq, at the tile sizes kernels use (16, 32, 64,
+                  128, 256) and one either side, where a kernel that drops its
+                  last partial tile fails
+``large_logits``  scores near 1e4, which overflow a softmax without max
+                  subtraction; with D >= 8 the unscaled q.k passes float16's
+                  65504 while the scaled score does not
+``unseen_nan``    NaN, +inf or -inf (:data:`~refattn.testing.problems.UNSEEN_VALUES`)
+                  in every slot no query may see (off by default: only kernels
                   that never read such slots, as flash-attn's ``cache_seqlens``
                   or a paged kernel, can promise this)
 ================  =============================================================
@@ -48,7 +57,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from refattn.testing.problems import ProblemSpec
+from refattn.testing.problems import UNSEEN_VALUES, ProblemSpec
 
 #: Every feature ``check_attention`` can draw and hand to a candidate.
 FEATURES = (
@@ -56,11 +65,13 @@ FEATURES = (
     "gqa",
     "positions",
     "empty_slots",
+    "ragged",
     "window",
     "softcap",
     "alibi",
     "lse",
     "long",
+    "tiles",
     "large_logits",
     "unseen_nan",
 )
@@ -73,6 +84,8 @@ DEFAULT_FEATURES = frozenset(FEATURES) - {"unseen_nan"}
 
 HEAD_DIMS = (8, 1, 3, 13, 16, 24, 40, 64, 80, 128)  # the first is where shrinking goes
 SOFTCAPS = (1.0, 5.0, 20.0, 50.0)
+#: The tile sizes kernels use; ``tiles`` draws lengths at each and one either side.
+TILES = (16, 32, 64, 128, 256)
 
 Choice = TypeVar("Choice")
 
@@ -146,14 +159,15 @@ def features_of(spec: ProblemSpec) -> frozenset[str]:
     tags = {
         "causal": spec.causal,
         "gqa": spec.q_heads > spec.kv_heads,
-        "positions": spec.layout in ("top_left", "staggered", "ragged", "left_padded", "scattered"),
-        "empty_slots": spec.layout in ("holes", "ragged", "left_padded", "scattered")
-        or spec.k_len == 0,
+        "positions": spec.layout in ("top_left", "staggered", "scattered"),
+        "empty_slots": spec.layout in ("holes", "scattered") or spec.k_len == 0,
+        "ragged": spec.layout in ("ragged", "left_padded"),
         "window": spec.window is not None,
         "softcap": spec.softcap is not None,
         "alibi": spec.alibi,
         "lse": spec.return_lse,
-        "long": spec.k_len >= 64,
+        "long": spec.k_len >= 64 and not _at_tile(spec.k_len),
+        "tiles": any(_at_tile(n) and n > 16 for n in (spec.k_len, spec.q_len)),
         "large_logits": spec.logit_size >= 1e3,
         "unseen_nan": spec.unseen_nan,
         "mask": spec.mask,
@@ -166,6 +180,32 @@ def features_of(spec: ProblemSpec) -> frozenset[str]:
     return frozenset(name for name, on in tags.items() if on)
 
 
+def _at_tile(length: int) -> bool:
+    """Whether ``length`` is a tile size or one either side of one (below 17, short rows
+    reach these lengths too, so only longer ones are tagged ``tiles``)."""
+    return any(abs(length - t) <= 1 for t in TILES)
+
+
+def corners_of(spec: ProblemSpec) -> frozenset[str]:
+    """The shape corners a problem sits on: where a failure class's draws agree on shape.
+
+    >>> sorted(corners_of(ProblemSpec(q_len=1, k_len=65)))
+    ['Sk past a multiple of 16', 'Sk past a multiple of 64', 'one query']
+    """
+    tags = {
+        "one query": spec.q_len == 1,
+        "Sq > Sk": spec.q_len > spec.k_len,
+        "no keys": spec.k_len == 0,
+        "head dim not a multiple of 8": spec.head_dim % 8 != 0,
+        "Dv != D": spec.value_dim != spec.head_dim,
+        "several rows": spec.batch > 1,
+        "one KV head": spec.kv_heads == 1,
+        **{f"Sk past a multiple of {t}": spec.k_len > t and spec.k_len % t != 0 for t in (16, 64)},
+        **{f"Sq past a multiple of {t}": spec.q_len > t and spec.q_len % t != 0 for t in (16, 64)},
+    }
+    return frozenset(name for name, on in tags.items() if on)
+
+
 def layouts(features: frozenset[str]) -> list[str]:
     """The position layouts (:data:`~refattn.testing.problems.LAYOUTS`) the features allow."""
     chosen = ["bottom_right"]
@@ -173,16 +213,20 @@ def layouts(features: frozenset[str]) -> list[str]:
         chosen += ["top_left", "staggered"]
     if "empty_slots" in features:
         chosen += ["holes"]
+    if "ragged" in features:
+        chosen += ["ragged", "left_padded"]
     if {"positions", "empty_slots"} <= features:
-        chosen += ["ragged", "left_padded", "scattered"]
+        chosen += ["scattered"]
     return chosen
 
 
 def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> ProblemSpec:
     """An attention problem with only ``features`` switched on (each maybe, by the draw).
 
-    Short rows have up to ``max_len`` queries and keys; with ``long``, about
-    one problem in six has 64 to 1024 keys and at most 4 queries.
+    Short rows have up to ``max_len`` queries and keys. With ``long``, one
+    problem in eight has 64 to 4096 keys and at most 4 queries; with
+    ``tiles``, one in eight has a tile length of keys (16 to 256, or one
+    either side) and, half the time, of queries too.
 
     >>> rng = np.random.default_rng(0)
     >>> spec = draw_spec(NumpyDraws(rng), frozenset({"causal"}))
@@ -192,8 +236,14 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     on = features
     kv_heads = draws.integer(1, 3)
     groups = draws.integer(1, 4) if "gqa" in on else 1
-    if "long" in on and draws.integer(0, 5) == 5:
-        batch, k_len, q_len = 1, draws.integer(64, 1024), draws.integer(1, 4)
+    shape = draws.integer(0, 7)
+    if "long" in on and shape == 6:
+        batch, k_len, q_len = 1, draws.integer(64, 4096), draws.integer(1, 4)
+        while _at_tile(k_len):  # a long row is not also a tile corner
+            k_len += 1
+    elif "tiles" in on and shape == 7:
+        batch, k_len = 1, _tile_length(draws)
+        q_len = _tile_length(draws) if draws.flag() else draws.integer(1, max_len)
     else:
         batch = draws.integer(1, 3)
         k_len = draws.integer(0 if "empty_slots" in on else 1, max_len)
@@ -205,6 +255,7 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     softcap = None
     if "softcap" in on and draws.flag():
         softcap = draws.choice(SOFTCAPS) if draws.flag() else draws.real(0.5, 50.0)
+    unseen = "unseen_nan" in on and draws.flag()
     return ProblemSpec(
         batch=batch,
         q_heads=kv_heads * groups,
@@ -224,11 +275,17 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
         bias="bias" in on and draws.flag(),
         scale=draws.real(0.05, 2.0) if draws.flag() else None,
         logit_size=draws.choice((1.0, 30.0, 1e4) if "large_logits" in on else (1.0, 30.0)),
-        unseen_nan="unseen_nan" in on and draws.flag(),
+        unseen_nan=unseen,
         seen_nan="seen_nan" in on and draws.flag(),
         return_lse="lse" in on and draws.flag(),
         seed=draws.integer(0, 2**32 - 1),
+        unseen_values=draws.choice(UNSEEN_VALUES) if unseen else "nan",
     )
+
+
+def _tile_length(draws: Draws) -> int:
+    """A tile size, or one either side of it."""
+    return draws.choice(TILES) + draws.choice((0, -1, 1))
 
 
 def draw_steps(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends.base import round_to
+from refattn.options import check_integer, check_real
 
 #: How key and query positions are laid out.
 #:
@@ -36,6 +37,10 @@ from refattn.backends.base import round_to
 #: ``left_padded``: row b starts with ``pad[b]`` empty slots.
 #: ``scattered``: positions in any slot order, some empty (a ring or a paged row).
 LAYOUTS = ("bottom_right", "top_left", "staggered", "holes", "ragged", "left_padded", "scattered")
+#: What ``unseen_nan`` plants in the slots no query may see: NaN, +inf, -inf, or each
+#: element one of the three. An infinity is the harder test: ``0 * inf`` is NaN where
+#: ``0 * NaN`` already was, and a kernel that guards NaN with ``isnan`` lets it through.
+UNSEEN_VALUES = ("nan", "inf", "-inf", "mixed")
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,41 @@ class ProblemSpec:
     bias: bool = False
     scale: float | None = None
     logit_size: float = 1.0
-    unseen_nan: bool = False  #: NaN in every key and value slot no query may see
+    unseen_nan: bool = False  #: NaN (or infinities) in every key and value slot no query may see
     seen_nan: bool = False  #: NaN in some held slots, seen by some queries and not others
     return_lse: bool = False
     seed: int = 0
+    unseen_values: str = "nan"  #: what ``unseen_nan`` plants (:data:`UNSEEN_VALUES`)
+
+    def __post_init__(self) -> None:
+        """A spec that describes no valid attention call is refused here, naming the field,
+        so that a mistake in it is never blamed on the candidate it is handed to."""
+        for name, minimum in (("batch", 1), ("q_heads", 1), ("kv_heads", 1), ("q_len", 0),
+                              ("k_len", 0), ("head_dim", 1), ("value_dim", 1),
+                              ("sink_tokens", 0), ("seed", 0)):  # fmt: skip
+            check_integer(f"ProblemSpec.{name}", getattr(self, name), minimum=minimum)
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"ProblemSpec.q_heads must be a multiple of kv_heads ({self.kv_heads}); "
+                f"got {self.q_heads}"
+            )
+        if self.window is not None:
+            check_integer("ProblemSpec.window", self.window, minimum=1)
+        check_real("ProblemSpec.softcap", self.softcap, positive=True)
+        check_real("ProblemSpec.scale", self.scale, positive=False)
+        check_real("ProblemSpec.logit_size", self.logit_size, positive=True)
+        _check_choice("ProblemSpec.layout", self.layout, LAYOUTS)
+        _check_choice("ProblemSpec.unseen_values", self.unseen_values, UNSEEN_VALUES)
+        for name in ("causal", "alibi", "sink_logits", "mask", "bias", "unseen_nan", "seen_nan",
+                     "return_lse"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"ProblemSpec.{name} must be True or False; got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
 
 
 @dataclass
@@ -132,7 +168,7 @@ def build_problem(spec: ProblemSpec) -> Problem:
         sinks = rng.standard_normal(Hq)
     problem = Problem(spec, q, k, v, q_pos, k_pos, mask, bias, slopes, sinks)
     if spec.unseen_nan:
-        _poison_unseen_slots(problem)
+        _poison_unseen_slots(problem, rng)
     if spec.seen_nan:
         # NaN in some held slots, seen by some queries and not others: only the
         # queries that see one may turn NaN.
@@ -172,7 +208,7 @@ def _positions(rng: np.random.Generator, spec: ProblemSpec) -> tuple[np.ndarray,
         k_pos = np.where(rng.random((B, Sk)) < 0.25, -1, k_pos)
         start = rng.integers(-1, Sk + 2, size=(B, 1)) - Sq
         return start + rows[None, :], k_pos
-    raise ValueError(f"layout must be one of {LAYOUTS}; got {spec.layout!r}")
+    raise AssertionError(f"unreachable: layout {spec.layout!r} was checked")
 
 
 def seen_slots(problem: Problem) -> np.ndarray:
@@ -191,11 +227,20 @@ def seen_slots(problem: Problem) -> np.ndarray:
     return np.asarray(visible.any(axis=(1, 2)))
 
 
-def _poison_unseen_slots(problem: Problem) -> None:
-    """NaN in k and v wherever no query of the row can look: it must never show."""
-    unseen = ~seen_slots(problem)  # (B, Sk)
-    problem.k = np.where(unseen[:, None, :, None], np.nan, problem.k)
-    problem.v = np.where(unseen[:, None, :, None], np.nan, problem.v)
+def _poison_unseen_slots(problem: Problem, rng: np.random.Generator) -> None:
+    """NaN or infinities in k and v wherever no query of the row can look: they must never
+    show."""
+    unseen = ~seen_slots(problem)[:, None, :, None]  # (B, 1, Sk, 1)
+    kind = problem.spec.unseen_values
+    problem.k = np.where(unseen, _poison(rng, kind, problem.k.shape), problem.k)
+    problem.v = np.where(unseen, _poison(rng, kind, problem.v.shape), problem.v)
+
+
+def _poison(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An array of ``shape`` holding what :data:`UNSEEN_VALUES` names."""
+    if kind == "mixed":
+        return rng.choice(np.array([np.nan, np.inf, -np.inf]), size=shape)
+    return np.full(shape, float(kind))
 
 
 @dataclass(frozen=True)
@@ -216,6 +261,25 @@ class CacheSpec:
     bits: int | None = None  #: the cache quantizes: its error bound is allowed on top
     logit_size: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a history that describes no valid decoding, naming the field."""
+        for name, minimum in (("batch", 1), ("q_heads", 1), ("kv_heads", 1), ("head_dim", 1),
+                              ("sink_tokens", 0), ("seed", 0)):  # fmt: skip
+            check_integer(f"CacheSpec.{name}", getattr(self, name), minimum=minimum)
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"CacheSpec.q_heads must be a multiple of kv_heads ({self.kv_heads}); "
+                f"got {self.q_heads}"
+            )
+        if not isinstance(self.steps, tuple) or not self.steps:
+            raise TypeError(f"CacheSpec.steps must be a non-empty tuple; got {self.steps!r}")
+        for n in self.steps:
+            check_integer("CacheSpec.steps[i]", n, minimum=1)
+        for name, minimum in (("window", 1), ("bits", 2)):
+            if getattr(self, name) is not None:
+                check_integer(f"CacheSpec.{name}", getattr(self, name), minimum=minimum)
+        check_real("CacheSpec.logit_size", self.logit_size, positive=True)
 
     @property
     def length(self) -> int:

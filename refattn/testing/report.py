@@ -1,8 +1,10 @@
-"""What a check found: the outcome of one problem, the shrunk failure, the whole report."""
+"""What a check found: the outcome of one problem, each class of failure shrunk, the report."""
 
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -13,9 +15,11 @@ from refattn.testing.problems import CacheSpec, ProblemSpec, build_problem
 class Outcome:
     """The verdict on one problem: errors against what the tolerance rule allows.
 
-    ``unsupported`` is the candidate's reason when it raised ``Unsupported``;
-    ``message`` says what went wrong when the candidate crashed or returned
-    something unusable. Without an lse, ``lse_error`` is 0.
+    ``unsupported`` is the candidate's reason when it raised ``Unsupported``
+    (``unavailable`` too when that was ``Unavailable``: its library cannot
+    run here at all); ``message`` says what went wrong when the candidate
+    crashed or returned something unusable, and ``raised`` names the
+    exception type when it crashed. Without an lse, ``lse_error`` is 0.
     """
 
     spec: ProblemSpec | CacheSpec
@@ -28,6 +32,21 @@ class Outcome:
     lse_allowed: float = math.inf
     message: str = ""
     unsupported: str = ""
+    raised: str = ""
+    unavailable: bool = False
+
+    @property
+    def symptom(self) -> str:
+        """How it failed, in a word or two: what a class of failures has in common."""
+        if self.raised:
+            return f"raised {self.raised}"
+        if self.message:
+            return "unusable result"
+        if self.error > self.allowed:
+            return "non-finite out" if math.isinf(self.error) else "wrong out"
+        if self.lse_error > self.lse_allowed:
+            return "non-finite lse" if math.isinf(self.lse_error) else "wrong lse"
+        return ""
 
     @property
     def passed(self) -> bool:
@@ -110,35 +129,48 @@ def describe(spec: ProblemSpec | CacheSpec) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Failure:
-    """The smallest failing problem Hypothesis found for one dtype."""
+    """One class of failures: the simplest failing problem found for it, and what its draws share.
 
-    outcome: Outcome
-    examples: int  #: problems tried up to and including the first failure
-    shrink_steps: int  #: problems run while shrinking
+    A class is a symptom (:attr:`Outcome.symptom`) and the features its shrunk
+    problem needs; it explains every failing draw with that symptom and at
+    least those features.
+    """
+
+    outcome: Outcome  #: the verdict on the shrunk problem
+    examples: int  #: problems drawn up to and including the class's first failing draw
+    shrink_steps: int  #: problems tried while shrinking
     candidate: str  #: "module:qualname" of the checked function
     found: ProblemSpec | CacheSpec | None = None  #: the failing problem as first drawn
+    source: str = ""  #: "file:line" where the candidate is defined
+    features: frozenset[str] = frozenset()  #: the shrunk problem's features: what the class needs
+    corners: frozenset[str] = frozenset()  #: the shrunk problem's shape corners
+    draws: int = 1  #: failing draws of the search this class explains
+    common_features: frozenset[str] = frozenset()  #: features every one of those draws had
+    common_corners: frozenset[str] = frozenset()  #: shape corners every one of them had
+
+    @property
+    def symptom(self) -> str:
+        return self.outcome.symptom
+
+    def explains(self, symptom: str, features: frozenset[str]) -> bool:
+        """Whether a failing draw with ``symptom`` and ``features`` belongs to this class."""
+        return symptom == self.symptom and self.features <= features
 
     def to_code(self) -> str:
         """A runnable reproducer: rebuilds the problem and asserts that it passes."""
-        module, _, name = self.candidate.partition(":")
-        importable = module != "__main__" and "<locals>" not in name and "." not in name
-        if importable:
-            source = f"from {module} import {name}"
-        else:
-            name = name.split(".")[-1].replace("<", "").replace(">", "") or "candidate"
-            source = f"from your_module import {name}  # the function that was checked"
         o = self.outcome
         cache = isinstance(o.spec, CacheSpec)
         check, spec_type = (
             ("check_schedule", "CacheSpec") if cache else ("check_problem", "ProblemSpec")
         )
+        name, source = _import_line(self.candidate, self.source)
         return "\n".join(
             [
                 f"# Shrunk by refattn.testing.{'check_cache' if cache else 'check_attention'}: {o}",
                 f"from refattn.testing import {spec_type}, {check}",
-                source,
+                *source,
                 "",
                 f"spec = {spec_code(o.spec)}",
                 f"outcome = {check}({name}, spec, backend={o.backend!r}, "
@@ -146,6 +178,16 @@ class Failure:
                 "print(outcome)",
                 "assert outcome.passed, outcome",
             ]
+        )
+
+    def summary(self) -> str:
+        """One line: the symptom, how many draws, and what they have in common."""
+        common = sorted(self.common_features) + sorted(self.common_corners)
+        return (
+            f"{self.outcome.dtype}, {self.symptom}: {self.draws} failing "
+            f"draw{'s' if self.draws != 1 else ''}, first at problem {self.examples}; "
+            f"the shrunk one needs {_listed(self.features)}; "
+            f"every one had {_listed(frozenset(common))}"
         )
 
     def __str__(self) -> str:
@@ -160,6 +202,34 @@ class Failure:
                 self.to_code(),
             ]
         )
+
+
+def _listed(tags: frozenset[str]) -> str:
+    return ", ".join(sorted(tags)) if tags else "no feature"
+
+
+def _import_line(candidate: str, source: str) -> tuple[str, list[str]]:
+    """The name a reproducer calls the candidate by, and the lines that bring it in.
+
+    An importable candidate is imported; one defined at the top of a script
+    (module ``__main__``) is taken from running that file with ``runpy``
+    (which does not run its ``if __name__ == "__main__":`` block); one defined
+    inside a function cannot be reached, and the line says where it is.
+    """
+    module, _, qualname = candidate.partition(":")
+    name = qualname.split(".")[-1].replace("<", "").replace(">", "") or "candidate"
+    nested = "<locals>" in qualname or "." in qualname
+    path, _, line = source.rpartition(":")
+    if module != "__main__" and not nested:
+        return name, [f"from {module} import {name}"]
+    if module == "__main__" and not nested and path and os.path.exists(path):
+        return name, ["import runpy", "", f"{name} = runpy.run_path({path!r})[{name!r}]"]
+    where = f"{path}, line {line}" if path else f"module {module}"
+    return name, [
+        f"# {qualname} is defined inside a function ({where}): move it to the top level of its",
+        "# module (or paste it here) to run this reproducer",
+        f"from {module if module != '__main__' else 'your_module'} import {name}",
+    ]
 
 
 @dataclass
@@ -185,9 +255,12 @@ class FeatureCount:
 class Report:
     """What ``check_attention`` or ``check_cache`` found, per dtype and feature.
 
-    ``passed`` is true when no problem failed and, for every dtype, at least
-    one problem was supported (a candidate that supports nothing has shown
-    nothing). ``print(report)`` gives the counts and each shrunk failure.
+    ``passed`` is true when no problem failed, the candidate was available
+    and, for every dtype, at least one problem was supported (a candidate that
+    supports nothing has shown nothing: nothing was checked). ``failures``
+    holds one :class:`Failure` per class of failure found, each shrunk.
+    ``print(report)`` gives the counts, the reasons problems were refused, and
+    each class with its reproducer, once.
     """
 
     name: str
@@ -195,13 +268,21 @@ class Report:
     device: str
     dtypes: tuple[str, ...]
     features: frozenset[str]
+    source: str = ""  #: "file:line" of the candidate
     counts: dict[str, dict[str, FeatureCount]] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+    unsupported_reasons: dict[str, Counter[str]] = field(default_factory=dict)
+    first_failure: dict[str, int] = field(default_factory=dict)  #: problems to the first failure
+    seconds: dict[str, float] = field(default_factory=dict)  #: wall time of each dtype's search
+    unexplained: dict[str, int] = field(default_factory=dict)  #: failing draws past the classes
+    unavailable: str = ""  #: why the candidate cannot run here at all, if it cannot
 
     def count(self, dtype: str, tags: frozenset[str], outcome: Outcome) -> None:
         per_dtype = self.counts.setdefault(dtype, {})
         for tag in ("all", *sorted(tags)):
             per_dtype.setdefault(tag, FeatureCount()).add(outcome)
+        if outcome.unsupported:
+            self.unsupported_reasons.setdefault(dtype, Counter())[outcome.unsupported] += 1
 
     def tried(self, dtype: str) -> int:
         return self.counts.get(dtype, {}).get("all", FeatureCount()).tried
@@ -211,28 +292,45 @@ class Report:
         return total.tried - total.unsupported
 
     @property
+    def nothing_checked(self) -> list[str]:
+        """The dtypes in which no problem was checked (every one refused, or none drawn)."""
+        return [d for d in self.dtypes if self.supported(d) == 0]
+
+    @property
     def passed(self) -> bool:
-        return not self.failures and all(self.supported(d) > 0 for d in self.dtypes)
+        return not self.failures and not self.unavailable and not self.nothing_checked
+
+    @property
+    def verdict(self) -> str:
+        if self.unavailable:
+            return f"unavailable: {self.unavailable}"
+        return "passed" if self.passed else "FAILED"
 
     def to_code(self) -> str:
         """The reproducer of the first failure ("" when nothing failed)."""
         return self.failures[0].to_code() if self.failures else ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON: counts, and each failure with its spec and reproducer."""
+        """Plain data for JSON: counts, refusals, and each failure class with its reproducer."""
         return {
             "name": self.name,
             "backend": self.backend,
             "device": self.device,
             "passed": self.passed,
+            "verdict": self.verdict,
             "features": sorted(self.features),
             "counts": {
                 dtype: {tag: asdict(c) for tag, c in per.items()}
                 for dtype, per in self.counts.items()
             },
+            "unsupported_reasons": {d: dict(r) for d, r in self.unsupported_reasons.items()},
+            "first_failure": self.first_failure,
+            "seconds": self.seconds,
+            "nothing_checked": self.nothing_checked,
             "failures": [
                 {
                     "dtype": f.outcome.dtype,
+                    "symptom": f.symptom,
                     "spec": asdict(f.outcome.spec),
                     "error": f.outcome.error,
                     "allowed": f.outcome.allowed,
@@ -241,15 +339,50 @@ class Report:
                     "message": f.outcome.message,
                     "examples": f.examples,
                     "shrink_steps": f.shrink_steps,
+                    "draws": f.draws,
+                    "features": sorted(f.features),
+                    "common_features": sorted(f.common_features),
+                    "common_corners": sorted(f.common_corners),
                     "code": f.to_code(),
                 }
                 for f in self.failures
             ],
         }
 
+    def notes(self) -> list[str]:
+        """Per dtype: time, first failure, refusals by reason, and anything not checked."""
+        lines = []
+        for dtype in self.dtypes:
+            tried, supported = self.tried(dtype), self.supported(dtype)
+            line = f"{dtype}: {tried} problems in {self.seconds.get(dtype, 0.0):.1f} s"
+            if dtype in self.first_failure:
+                classes = sum(f.outcome.dtype == dtype for f in self.failures)
+                line += (f"; first failure at problem {self.first_failure[dtype]}; "
+                         f"{classes} failure class{'es' if classes != 1 else ''}")  # fmt: skip
+                if self.unexplained.get(dtype):
+                    line += f" ({self.unexplained[dtype]} failing draws left unsorted)"
+            lines.append(line)
+            reasons = self.unsupported_reasons.get(dtype)
+            if reasons:
+                refused = sum(reasons.values())
+                lines.append(
+                    f"{dtype}: {refused} of {tried} problems ({refused / max(tried, 1):.0%}) "
+                    "unsupported: "
+                    + "; ".join(f"{n} {reason!r}" for reason, n in reasons.most_common())
+                )
+            if supported == 0 and not self.unavailable:
+                lines.append(f"{dtype}: nothing was checked (every problem was unsupported)")
+            elif supported < tried / 4:
+                lines.append(
+                    f"{dtype}: only {supported} of {tried} problems were supported; "
+                    "features= narrows the draws to what the kernel expresses"
+                )
+        return lines
+
     def __str__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        lines = [f"{self.name} on {self.backend} ({self.device}): {verdict}"]
+        lines = [f"{self.name} on {self.backend} ({self.device}): {self.verdict}"]
+        if self.unavailable:
+            return lines[0]
         header = ("dtype", "feature", "tried", "passed", "failed", "unsupported")
         rows: list[tuple[str, ...]] = [header]
         for dtype, per in self.counts.items():
@@ -258,15 +391,8 @@ class Report:
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]  # fmt: skip
-        for dtype in self.dtypes:
-            tried, supported = self.tried(dtype), self.supported(dtype)
-            if supported == 0 and dtype in self.counts:
-                lines.append(f"{dtype}: every problem was unsupported, so nothing was shown")
-            elif supported < tried / 4:
-                lines.append(
-                    f"{dtype}: only {supported} of {tried} problems were supported; "
-                    "features= narrows the draws to what the kernel expresses"
-                )
-        for failure in self.failures:
-            lines += ["", str(failure)]
+        lines += self.notes()
+        for i, failure in enumerate(self.failures, 1):
+            lines += ["", f"failure class {i} of {len(self.failures)}: {failure.summary()}",
+                      str(failure)]  # fmt: skip
         return "\n".join(lines)

@@ -155,16 +155,24 @@ def _dims_reordered(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str)
     return {**arrays, "q": arrays["q"][..., order], "k": arrays["k"][..., order]}, attention, {}
 
 
+#: The online orders take at most this many key blocks: a row of 4096 keys one key at a
+#: time would cost seconds a problem, and past a few hundred blocks the rescaling's
+#: rounding is what it is.
+MAX_BLOCKS = 128
+
+
 def _online(block_k: int) -> Order:
     def order(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str) -> Any:
-        return arrays, partial(attention_blockwise, block_q=16, block_k=block_k), {}
+        Sk = arrays["k"].shape[-2]
+        block = max(block_k, -(-Sk // MAX_BLOCKS))
+        return arrays, partial(attention_blockwise, block_q=16, block_k=block), {}
 
     return order
 
 
 #: Correct evaluations of the spec that round in different orders: one pass, keys
 #: reversed, the scale on the keys, the dot products summed in another order, and
-#: the online softmax one and eight keys at a time.
+#: the online softmax one and eight keys at a time (in at most :data:`MAX_BLOCKS` blocks).
 ROUNDING_ORDERS: tuple[Order, ...] = (
     _one_pass,
     _keys_reversed,

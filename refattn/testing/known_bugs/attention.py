@@ -18,6 +18,7 @@ import numpy as np
 import refattn
 from refattn.backends import to_numpy
 from refattn.testing.candidate import AttentionProblem
+from refattn.testing.drawing import DEFAULT_FEATURES
 
 Visible = Callable[[np.ndarray, np.ndarray, AttentionProblem], np.ndarray]
 
@@ -45,10 +46,14 @@ def textbook(
     alibi_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     lse_log: Callable[[np.ndarray], np.ndarray] = np.log,
     accumulate: Any = None,
+    product: Any = None,
+    values: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Any:
     """Plain matmul-softmax-matmul in float32 (float64 for float64 problems), as users write it.
 
     Each keyword is a place where a kernel goes wrong; the defaults are right.
+    ``product`` is the dtype q·kᵀ is multiplied in (before the scale), and
+    ``values`` what is done to V before the weighted sum.
     """
     acc = accumulate or (np.float64 if p.dtype == "float64" else np.float32)
     q, k, v = (to_numpy(x).astype(acc) for x in (p.q, p.k, p.v))
@@ -56,12 +61,18 @@ def textbook(
     Hq, Hkv = q.shape[1], k.shape[1]
     heads = np.arange(Hq) // (Hq // Hkv) if kv_head_of is None else kv_head_of(Hq, Hkv)
     k, v = k[:, heads], v[:, heads]  # (B, Hq, Sk, D): each query head's KV head
+    if values is not None:
+        v = values(v)
     distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
     if alibi_distance is not None:
         distance = alibi_distance(q_pos, k_pos)
     seen = visible(q_pos, k_pos, p)[:, None]  # (B, 1, Sq, Sk)
     with np.errstate(all="ignore"):  # a float16 accumulator may overflow: that is its bug
-        s = (q @ np.swapaxes(k, -1, -2)) * acc(p.scale if scale is None else scale)
+        if product is None:
+            s = q @ np.swapaxes(k, -1, -2)  # (B, Hq, Sq, Sk)
+        else:
+            s = (q.astype(product) @ np.swapaxes(k.astype(product), -1, -2)).astype(acc)
+        s = s * acc(p.scale if scale is None else scale)
         if p.softcap is not None and not softcap_after_mask:
             s = p.softcap * np.tanh(s / p.softcap)
         if p.alibi_slopes is not None:
@@ -205,6 +216,30 @@ def accumulates_in_float16(p: AttentionProblem) -> Any:
     return textbook(p, accumulate=np.float16 if p.dtype == "float16" else None)
 
 
+def drops_last_partial_tile(p: AttentionProblem) -> Any:
+    """Walks the keys in tiles of 64 with ``range(Sk // 64)`` once there is a full tile: the
+    keys past the last full tile are never read (a kernel tested only on multiples of 64)."""
+
+    def read(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        seen = positions_visible(q_pos, k_pos, p)
+        Sk = seen.shape[-1]
+        return seen & (np.arange(Sk) < (Sk if Sk < 64 else Sk - Sk % 64))
+
+    return textbook(p, visible=read)
+
+
+def float16_product_then_scale(p: AttentionProblem) -> Any:
+    """Multiplies q·kᵀ in float16 and scales after: the product overflows past 65504 where
+    the scaled score would not (``matmul(q, k.T) * scale`` in half precision)."""
+    return textbook(p, product=np.float16 if p.dtype == "float16" else None)
+
+
+def guards_nan_not_inf(p: AttentionProblem) -> Any:
+    """Zeroes NaN in V before the weighted sum (``nan_to_num``-style, NaN only), but an
+    infinity in a slot no query sees still meets a weight of 0: ``0 * inf = NaN``."""
+    return textbook(p, values=lambda v: np.where(np.isnan(v), 0.0, v))
+
+
 #: Each wrong kernel, with the dtypes its bug shows in.
 WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
     f.__name__: (f, dtypes)
@@ -222,7 +257,15 @@ WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
         (alibi_on_slot_index, ("float32",)),
         (lse_in_base_2, ("float32",)),
         (accumulates_in_float16, ("float16",)),
+        (drops_last_partial_tile, ("float32",)),
+        (float16_product_then_scale, ("float16",)),
+        (guards_nan_not_inf, ("float32",)),
     )
+}
+#: What a wrong kernel's check draws when it is not the default features: its bug is in
+#: handling something kernels need not promise by default.
+FEATURES: dict[str, frozenset[str]] = {
+    "guards_nan_not_inf": DEFAULT_FEATURES | {"unseen_nan"},
 }
 #: Correct kernels written differently from the spec.
 CORRECT: dict[str, Callable[[AttentionProblem], Any]] = {

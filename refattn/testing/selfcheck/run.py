@@ -48,9 +48,10 @@ from refattn.testing.selfcheck.agreement import (
     share,
 )
 
-#: What the self-check's attention problems draw: everything the spec takes but rows
-#: of 64 to 1024 keys, which the loop oracle would take minutes over.
-SELF_CHECK_FEATURES = ALL_FEATURES - {"long"}
+#: What the self-check's attention problems draw: everything the spec takes but long rows
+#: and tile-sized ones (hundreds to thousands of keys), which the loop oracle would take
+#: minutes over.
+SELF_CHECK_FEATURES = ALL_FEATURES - {"long", "tiles"}
 
 
 @dataclass
