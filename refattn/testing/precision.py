@@ -115,8 +115,8 @@ class Precision:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
         named = {"compute": compute_dtype_name(dtype), "input": dtype}
-        return Precision(**{stage: named.get(getattr(self, stage), getattr(self, stage))
-                            for stage in STAGES})  # fmt: skip
+        chosen = {stage: getattr(self, stage) for stage in STAGES}
+        return Precision(**{stage: named.get(value, value) for stage, value in chosen.items()})
 
     def is_default(self, dtype: str) -> bool:
         """True when, for inputs in ``dtype``, this contract rounds as the spec does.
@@ -250,22 +250,22 @@ def evaluate(
         scale = 1.0 / math.sqrt(D) if D else 0.0
     q_pos, k_pos = _positions(arrays, Sq, Sk)  # (B or 1, Sq), (B or 1, Sk)
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
-    to_scores = stages.scores
+    score_dtype = stages.scores
     with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
-        s = scaled_products(q, k, scale, to_scores)  # (B, Hkv, G, Sq, Sk)
+        s = scaled_products(q, k, scale, score_dtype)  # (B, Hkv, G, Sq, Sk)
         if scalars.get("softcap") is not None:
-            s = softcapped(s, scalars["softcap"], to_scores)
+            s = softcapped(s, scalars["softcap"], score_dtype)
         if arrays.get("alibi_slopes") is not None:
-            slopes = rounded(np.reshape(arrays["alibi_slopes"], (-1, Hkv, G)), to_scores)
+            slopes = rounded(np.reshape(arrays["alibi_slopes"], (-1, Hkv, G)), score_dtype)
             distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
-            ramp = slopes[:, :, :, None, None] * rounded(distance, to_scores)[:, None, None]
-            s = rounded(s - rounded(ramp, to_scores), to_scores)  # (B, Hkv, G, Sq, Sk)
+            ramp = slopes[:, :, :, None, None] * rounded(distance, score_dtype)[:, None, None]
+            s = rounded(s - rounded(ramp, score_dtype), score_dtype)  # (B, Hkv, G, Sq, Sk)
         if arrays.get("bias") is not None:
-            bias = rounded(group_heads(xp_numpy, arrays["bias"], Hkv), to_scores)
-            s = rounded(s + bias, to_scores)  # (B, Hkv, G, Sq, Sk)
+            bias = rounded(group_heads(xp_numpy, arrays["bias"], Hkv), score_dtype)
+            s = rounded(s + bias, score_dtype)  # (B, Hkv, G, Sq, Sk)
         sink = None
         if arrays.get("sink_logits") is not None:
-            sink = rounded(np.reshape(arrays["sink_logits"], (1, Hkv, G, 1, 1)), to_scores)
+            sink = rounded(np.reshape(arrays["sink_logits"], (1, Hkv, G, 1, 1)), score_dtype)
         p, lse = softmax_weights(s, visible, sink, stages.softmax)  # (..., Sk), (B, Hkv, G, Sq)
         out = weighted_sum(p, v, visible, stages.accumulator)  # (B, Hkv, G, Sq, Dv)
         out = rounded(np.reshape(out, (B, Hq, Sq, Dv)), dtype)  # (B, Hq, Sq, Dv)
@@ -342,7 +342,7 @@ def softmax_weights(
     sink gets weights 0 and an lse of :math:`-\\infty`, as in
     :func:`refattn.softmax.masked_softmax`.
 
-    Returns (..., Sk) weights and (...,) lse, neither rounded beyond ``working(dtype)``.
+    Returns (..., Sk) weights in ``dtype`` and the (...,) lse in ``working(dtype)``.
     """
     work = working(dtype)
     s = np.where(visible, s, -np.inf)  # (..., Sk)
@@ -405,8 +405,9 @@ def _positions(arrays: dict[str, Any], Sq: int, Sk: int) -> tuple[np.ndarray, np
         q_pos = default_query_positions(xp_numpy, Sq, Sk, device="cpu")
     if k_pos is None:
         k_pos = default_key_positions(xp_numpy, Sk, device="cpu")
-    rows = (as_rows(xp_numpy, np.asarray(pos)).astype(np.int64) for pos in (q_pos, k_pos))
-    return next(rows), next(rows)
+    q_pos = as_rows(xp_numpy, np.asarray(q_pos)).astype(np.int64)
+    k_pos = as_rows(xp_numpy, np.asarray(k_pos)).astype(np.int64)
+    return q_pos, k_pos
 
 
 def _visible(
