@@ -39,9 +39,10 @@ from refattn.testing import (
     check_cache,
     check_problem,
 )
-from refattn.testing.drawing import TILES, features_of
+from refattn.testing.drawing import DEFAULT_FEATURES, TILES, features_of
 from refattn.testing.known_bugs import WRONG_KERNELS
 from refattn.testing.known_bugs.attention import lse_in_base_2, textbook, window_off_by_one
+from refattn.testing.precision import EAGER, Precision
 from refattn.testing.strategies import attention_specs
 
 KERNEL = "refattn.testing.known_bugs.attention:textbook"
@@ -325,6 +326,38 @@ def test_a_reproducer_for_a_script_names_the_script(tmp_path: Path) -> None:
             exec(code, {})
     finally:
         os.chdir(here)
+
+
+# -- part 3: the kernel's declared precision -------------------------------------
+
+
+def test_a_declared_precision_is_what_a_kernel_is_judged_by() -> None:
+    """Scores stored in float16 fail the spec's own contract and pass the one declared."""
+    wrong, _ = WRONG_KERNELS["rounds_scores_to_float16"]
+    features = DEFAULT_FEATURES - {"large_logits"}  # scores that fit in float16
+    assert not check_attention(wrong, dtypes=("float16",), features=features, seed=0).passed
+    report = check_attention(wrong, dtypes=("float16",), features=features, seed=0,
+                             precision=Precision(scores="float16"))  # fmt: skip
+    assert report.passed, report
+    assert report.precision == Precision(scores="float16")
+
+
+def test_an_overflow_is_not_excused_by_a_contract() -> None:
+    """A float16 product that overflows before the scale fails, whatever it declares."""
+    fn, _ = WRONG_KERNELS["float16_product_then_scale"]
+    spec = ProblemSpec(k_len=4, head_dim=64, value_dim=64, logit_size=1e4, seed=1)
+    for contract in (Precision(), Precision(scores="input"), EAGER):
+        outcome = check_problem(fn, spec, dtype="float16", precision=contract)
+        assert outcome.failed and outcome.symptom == "non-finite out", (contract, outcome)
+
+
+def test_a_reproducer_carries_the_contract() -> None:
+    def mine(p: AttentionProblem) -> Any:
+        return textbook(p, scale=1.0)
+
+    report = check_attention(mine, seed=0, max_examples=20, max_failures=1, precision=EAGER)
+    code = report.to_code()
+    assert "precision=Precision(scores='input', softmax='input'" in code, code
 
 
 # -- part 4: the corners where kernels break are drawn -----------------------------

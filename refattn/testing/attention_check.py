@@ -23,10 +23,12 @@ from refattn.testing.candidate import (
     check_budget,
     new_report,
     on_backend,
+    precision_of,
     resolve_case,
     run_candidate,
 )
 from refattn.testing.drawing import corners_of, features_of, resolve_features
+from refattn.testing.precision import Precision
 from refattn.testing.problems import ProblemSpec, build_problem
 from refattn.testing.report import Outcome, Report
 from refattn.testing.search import search
@@ -35,11 +37,17 @@ from refattn.testing.verdict import judge
 
 
 def make_problem(
-    spec: ProblemSpec, *, backend: str = "numpy", dtype: str = "float32", device: str | None = None
+    spec: ProblemSpec,
+    *,
+    backend: str = "numpy",
+    dtype: str = "float32",
+    device: str | None = None,
+    precision: Precision | None = None,
 ) -> AttentionProblem:
     """The :class:`AttentionProblem` of ``spec`` on ``backend``/``device`` in ``dtype``."""
     case = resolve_case(backend, device, dtype)
-    return on_backend(spec, build_problem(spec).rounded(dtype), case)
+    chosen = precision_of(None, precision)
+    return on_backend(spec, build_problem(spec).rounded(dtype), case, chosen)
 
 
 def check_problem(
@@ -49,8 +57,13 @@ def check_problem(
     backend: str = "numpy",
     dtype: str = "float32",
     device: str | None = None,
+    precision: Precision | None = None,
 ) -> Outcome:
     """Run ``fn`` on one problem and judge it by the tolerance rule.
+
+    ``precision`` is the contract ``fn`` is judged by: by default the one it
+    declares as its ``precision`` attribute, else the spec's own
+    (:mod:`refattn.testing.precision`).
 
     >>> import refattn
     >>> from refattn.testing import ProblemSpec, check_problem
@@ -61,15 +74,16 @@ def check_problem(
     True
     """
     case = resolve_case(backend, device, dtype)
+    contract = precision_of(fn, precision)
     arrays = build_problem(spec).rounded(dtype)  # built once: the candidate's and the oracle's
-    problem = on_backend(spec, arrays, case)
+    problem = on_backend(spec, arrays, case, contract)
     start = Outcome(spec=spec, dtype=dtype, backend=backend, device=case.device)
     result, failed = run_candidate(start, lambda: fn(problem))
     if failed is not None:
         return failed
     scalars = {"causal": spec.causal, "window": spec.window, "softcap": spec.softcap,
                "scale": spec.scale}  # fmt: skip
-    return judge(start, result, arrays, scalars, spec.return_lse)
+    return judge(start, result, arrays, scalars, spec.return_lse, contract)
 
 
 def check_attention(
@@ -83,6 +97,7 @@ def check_attention(
     seed: int | None = None,
     on_example: Callable[[Outcome], None] | None = None,
     max_failures: int = 5,
+    precision: Precision | None = None,
 ) -> Report:
     """Search for problems on which ``fn`` disagrees with the spec; shrink each kind found.
 
@@ -101,6 +116,9 @@ def check_attention(
     on_example : called with every :class:`Outcome` of the search (a progress bar)
     max_failures : how many classes of failure to find and shrink per dtype
         (:mod:`refattn.testing.search`); 1 stops at the first failure
+    precision : the candidate's precision contract
+        (:class:`~refattn.testing.precision.Precision`); by default its
+        ``precision`` attribute, else the spec's own rounding
 
     Returns
     -------
@@ -125,12 +143,15 @@ def check_attention(
     max_examples = check_budget("max_examples", max_examples)
     max_failures = check_budget("max_failures", max_failures)
     chosen = resolve_features(features)
+    contract = precision_of(fn, precision)
     report = new_report(fn, backend, device, dtypes, chosen)
+    report.precision = contract
     strategy = attention_specs(chosen)
     for dtype in report.dtypes:
 
         def one(spec: ProblemSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
-            outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device)
+            outcome = check_problem(fn, spec, backend=backend, dtype=dtype, device=report.device,
+                                    precision=contract)  # fmt: skip
             return outcome, features_of(spec)
 
         search(report, one, strategy, dtype, max_examples=max_examples, seed=seed,

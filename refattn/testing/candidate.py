@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends import Case, get
+from refattn.testing.precision import SPEC, Precision
 from refattn.testing.problems import ProblemSpec
 from refattn.testing.report import Outcome, Report
 
@@ -63,13 +64,16 @@ class AttentionProblem:
     device: str
     backend: str
     spec: ProblemSpec  #: rebuilds this problem with ``make_problem``
+    precision: Precision = SPEC  #: the precision contract the candidate is judged by
 
 
 #: What a spec may set for its problem to be handed to a candidate today.
 UNCHECKABLE = ("mask", "bias", "sink_logits", "seen_nan", "sink_tokens")
 
 
-def on_backend(spec: ProblemSpec, arrays: dict[str, np.ndarray], case: Case) -> AttentionProblem:
+def on_backend(
+    spec: ProblemSpec, arrays: dict[str, np.ndarray], case: Case, precision: Precision = SPEC
+) -> AttentionProblem:
     """The problem of ``spec`` with its (rounded, float64) ``arrays`` moved to ``case``."""
     used = [name for name in UNCHECKABLE if getattr(spec, name)]
     if used:
@@ -96,6 +100,7 @@ def on_backend(spec: ProblemSpec, arrays: dict[str, np.ndarray], case: Case) -> 
         device=case.device,
         backend=case.backend.name,
         spec=spec,
+        precision=precision,
     )
 
 
@@ -161,6 +166,15 @@ def new_report(
         resolve_case(backend, case.device, dtype)
     return Report(name=qualified_name(candidate), backend=backend, device=case.device,
                   dtypes=chosen, features=features, source=source_of(candidate))  # fmt: skip
+
+
+def precision_of(candidate: Any, precision: Precision | None) -> Precision:
+    """The precision contract a candidate is judged by: the one given, else the one it
+    declares as its ``precision`` attribute, else the spec's own (:data:`SPEC`)."""
+    chosen = precision if precision is not None else getattr(candidate, "precision", SPEC)
+    if not isinstance(chosen, Precision):
+        raise TypeError(f"precision must be a refattn.testing.precision.Precision; got {chosen!r}")
+    return chosen
 
 
 def check_budget(name: str, n: Any) -> int:

@@ -226,7 +226,8 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     Short rows have up to ``max_len`` queries and keys. With ``long``, one
     problem in eight has 64 to 4096 keys and at most 4 queries; with
     ``tiles``, one in eight has a tile length of keys (16 to 256, or one
-    either side) and, half the time, of queries too.
+    either side) and, half the time, of queries too. Those have one row and
+    at most two KV heads of two query heads each.
 
     >>> rng = np.random.default_rng(0)
     >>> spec = draw_spec(NumpyDraws(rng), frozenset({"causal"}))
@@ -234,9 +235,10 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     True
     """
     on = features
-    kv_heads = draws.integer(1, 3)
-    groups = draws.integer(1, 4) if "gqa" in on else 1
     shape = draws.integer(0, 7)
+    big = ("long" in on and shape == 6) or ("tiles" in on and shape == 7)
+    kv_heads = draws.integer(1, 2 if big else 3)  # long rows: fewer heads, the same corners
+    groups = draws.integer(1, 2 if big else 4) if "gqa" in on else 1
     if "long" in on and shape == 6:
         batch, k_len, q_len = 1, draws.integer(64, 4096), draws.integer(1, 4)
         while _at_tile(k_len):  # a long row is not also a tile corner

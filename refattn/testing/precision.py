@@ -206,7 +206,12 @@ on 100 problems.
 
 
 def evaluate(
-    arrays: dict[str, Any], scalars: dict[str, Any], dtype: str, precision: Precision = SPEC
+    arrays: dict[str, Any],
+    scalars: dict[str, Any],
+    dtype: str,
+    precision: Precision = SPEC,
+    *,
+    product_rounded: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The spec's attention on NumPy, rounded as ``precision`` says, for inputs in ``dtype``.
 
@@ -221,6 +226,9 @@ def evaluate(
         Any of ``causal``, ``window``, ``sink_tokens``, ``softcap``, ``scale``
     dtype : the input dtype: float64, float32, float16 or bfloat16
     precision : the contract (default: the spec's own)
+    product_rounded : round :math:`q \\cdot k` to the scores' dtype before the scale (as
+        ``matmul(q, k.T) * scale`` does), or scale it first and round once
+        (:func:`scaled_products`)
 
     Returns
     -------
@@ -252,7 +260,7 @@ def evaluate(
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
     score_dtype = stages.scores
     with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
-        s = scaled_products(q, k, scale, score_dtype)  # (B, Hkv, G, Sq, Sk)
+        s = scaled_products(q, k, scale, score_dtype, product_rounded=product_rounded)
         if scalars.get("softcap") is not None:
             s = softcapped(s, scalars["softcap"], score_dtype)
         if arrays.get("alibi_slopes") is not None:
@@ -308,11 +316,17 @@ def working(dtype: str) -> str:
     return "float32" if coarser(dtype, "float32") else dtype
 
 
-def scaled_products(q: np.ndarray, k: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+def scaled_products(
+    q: np.ndarray, k: np.ndarray, scale: float, dtype: str, *, product_rounded: bool = True
+) -> np.ndarray:
     """:math:`r(r(q \\cdot k) \\cdot \\text{scale})`, grouped by KV head: (B, Hkv, G, Sq, Sk).
 
     The product is one GEMM per KV head accumulated in :func:`working`
     precision, rounded to ``dtype`` once; then it is scaled and rounded again.
+    Without ``product_rounded``, the product is scaled in working precision
+    and rounded once, :math:`r(q \\cdot k \\cdot \\text{scale})`, as a fused
+    kernel that stores its score tile in ``dtype`` does: that form never
+    overflows before the scale.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -320,7 +334,9 @@ def scaled_products(q: np.ndarray, k: np.ndarray, scale: float, dtype: str) -> n
     wide = numpy_dtype(working(dtype))
     q_rows = np.reshape(q, (B, Hkv, G * Sq, D)).astype(wide)  # (B, Hkv, G*Sq, D)
     product = np.matmul(q_rows, np.swapaxes(k.astype(wide), -1, -2))  # (B, Hkv, G*Sq, Sk)
-    product = rounded(np.reshape(product, (B, Hkv, G, Sq, Sk)), dtype)  # (B, Hkv, G, Sq, Sk)
+    product = np.reshape(product, (B, Hkv, G, Sq, Sk))  # (B, Hkv, G, Sq, Sk)
+    if product_rounded:
+        product = rounded(product, dtype)
     return rounded(product * rounded(scale, working(dtype)), dtype)
 
 

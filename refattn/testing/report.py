@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from refattn.testing.precision import SPEC, Precision
 from refattn.testing.problems import CacheSpec, ProblemSpec, build_problem
 
 
@@ -149,6 +150,7 @@ class Failure:
     draws: int = 1  #: failing draws of the search this class explains
     common_features: frozenset[str] = frozenset()  #: features every one of those draws had
     common_corners: frozenset[str] = frozenset()  #: shape corners every one of them had
+    precision: Precision = SPEC  #: the precision contract the candidate was judged by
 
     @property
     def symptom(self) -> str:
@@ -166,15 +168,18 @@ class Failure:
             ("check_schedule", "CacheSpec") if cache else ("check_problem", "ProblemSpec")
         )
         name, source = _import_line(self.candidate, self.source)
+        contract = [] if self.precision == SPEC else [f"precision={self.precision!r}"]
+        imports = ["from refattn.testing.precision import Precision"] if contract else []
         return "\n".join(
             [
                 f"# Shrunk by refattn.testing.{'check_cache' if cache else 'check_attention'}: {o}",
                 f"from refattn.testing import {spec_type}, {check}",
+                *imports,
                 *source,
                 "",
                 f"spec = {spec_code(o.spec)}",
                 f"outcome = {check}({name}, spec, backend={o.backend!r}, "
-                f"dtype={o.dtype!r}, device={o.device!r})",
+                f"dtype={o.dtype!r}, device={o.device!r}{''.join(', ' + c for c in contract)})",
                 "print(outcome)",
                 "assert outcome.passed, outcome",
             ]
@@ -276,6 +281,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)  #: wall time of each dtype's search
     unexplained: dict[str, int] = field(default_factory=dict)  #: failing draws past the classes
     unavailable: str = ""  #: why the candidate cannot run here at all, if it cannot
+    precision: Precision = SPEC  #: the precision contract the candidate was judged by
 
     def count(self, dtype: str, tags: frozenset[str], outcome: Outcome) -> None:
         per_dtype = self.counts.setdefault(dtype, {})
@@ -327,6 +333,7 @@ class Report:
             "first_failure": self.first_failure,
             "seconds": self.seconds,
             "nothing_checked": self.nothing_checked,
+            "precision": asdict(self.precision),
             "failures": [
                 {
                     "dtype": f.outcome.dtype,

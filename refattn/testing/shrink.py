@@ -80,8 +80,7 @@ def _simpler(spec: Any) -> Iterator[Any]:
             yield from (_with(spec, softcap=c) for c in _SOFTCAPS)
         if spec.scale not in (None, 1.0):
             yield _with(spec, scale=1.0)
-        yield _with(spec, q_heads=spec.q_heads // spec.kv_heads, kv_heads=1)
-        yield _with(spec, q_heads=spec.kv_heads)
+        yield from _fewer_heads(spec)
         yield _with(spec, value_dim=spec.head_dim)
         for dim in _simpler_dims(spec.head_dim):
             yield _with(spec, head_dim=dim, value_dim=dim if spec.value_dim == spec.head_dim
@@ -91,8 +90,7 @@ def _simpler(spec: Any) -> Iterator[Any]:
     else:
         if spec.logit_size != default.logit_size:
             yield _with(spec, logit_size=default.logit_size)
-        yield _with(spec, q_heads=spec.q_heads // spec.kv_heads, kv_heads=1)
-        yield _with(spec, q_heads=spec.kv_heads)
+        yield from _fewer_heads(spec)
         for dim in _simpler_dims(spec.head_dim):
             yield _with(spec, head_dim=dim)
         steps = spec.steps
@@ -103,6 +101,16 @@ def _simpler(spec: Any) -> Iterator[Any]:
             yield _with(spec, steps=(*steps[:i], n - 1, *steps[i + 1 :]))
     if spec.seed != 0:
         yield _with(spec, seed=0)
+
+
+def _fewer_heads(spec: Any) -> Iterator[Any]:
+    """One KV head with the same group size; no grouping; groups of two, or half as large."""
+    groups = spec.q_heads // spec.kv_heads
+    yield _with(spec, q_heads=groups, kv_heads=1)
+    yield _with(spec, q_heads=spec.kv_heads)
+    for fewer in sorted({2, groups // 2}):
+        if 1 < fewer < groups:
+            yield _with(spec, q_heads=spec.kv_heads * fewer)
 
 
 def _simpler_dims(dim: int) -> list[int]:

@@ -33,6 +33,7 @@ import numpy as np
 from refattn.attention import attention
 from refattn.backends import Case, get, to_numpy
 from refattn.blockwise import attention_blockwise
+from refattn.testing.precision import SPEC, Precision, evaluate
 from refattn.testing.report import Outcome
 from refattn.testing.tolerance import TOLERANCES, ErrorBound, finite_max_abs, max_abs_error
 
@@ -51,7 +52,7 @@ def run_spec(
 
 
 def allowance(
-    arrays: dict[str, Any], scalars: dict[str, Any], dtype: str
+    arrays: dict[str, Any], scalars: dict[str, Any], dtype: str, precision: Precision = SPEC
 ) -> tuple[np.ndarray, np.ndarray, ErrorBound]:
     """The oracle's ``out`` and ``lse`` for a problem, and the errors a candidate may make.
 
@@ -65,6 +66,14 @@ def allowance(
     the one-pass spec erred by 3.1e-4 and the online softmax by 1.1e-3. Most
     of that spread comes from how the scores round, hence the orders with the
     scale on the keys and with the dot products summed in another order.
+
+    A candidate that declares a ``precision`` contract other than the spec's
+    (:mod:`refattn.testing.precision`) is allowed, on top, ``k`` times the
+    error of the spec evaluated under that contract's rounding: with the
+    product :math:`q \\cdot k` rounded before the scale and after it, keys in
+    order and reversed. Where an evaluation is not finite (a float16 product
+    that overflows before the scale) it is left out, and with no finite one
+    the spec's own allowance stands: an overflow is never excused.
     """
     ref_out, ref_lse = attention(**arrays, **scalars, return_lse=True)  # float64 NumPy
     numpy_case = Case(get("numpy"), "cpu", dtype)
@@ -74,15 +83,28 @@ def allowance(
         spec_out, spec_lse = run_spec(numpy_case, ordered, {**scalars, **changed}, form)
         out_error = max(out_error, max_abs_error(spec_out, ref_out))
         lse_error = max(lse_error, max_abs_error(spec_lse, ref_lse))
+    if not precision.is_default(dtype):
+        for order, product_rounded in ((_one_pass, True), (_one_pass, False),
+                                       (_keys_reversed, False)):  # fmt: skip
+            ordered, _, _ = order(arrays, scalars, dtype)
+            contract_out, contract_lse = evaluate(ordered, scalars, dtype, precision,
+                                                  product_rounded=product_rounded)  # fmt: skip
+            out_error = _finite_max(out_error, max_abs_error(contract_out, ref_out))
+            lse_error = _finite_max(lse_error, max_abs_error(contract_lse, ref_lse))
     rule = TOLERANCES[dtype]
     out_allowed = rule.allowed(out_error, finite_max_abs(arrays["v"]))
     lse_allowed = rule.allowed(lse_error, max(1.0, finite_max_abs(ref_lse)))
     return ref_out, ref_lse, ErrorBound(out=out_allowed, lse=lse_allowed)
 
 
+def _finite_max(error: float, contract_error: float) -> float:
+    return max(error, contract_error) if math.isfinite(contract_error) else error
+
+
 def judge(start: Outcome, result: Any, arrays: dict[str, Any], scalars: dict[str, Any],
-          return_lse: bool) -> Outcome:  # fmt: skip
-    """A candidate's result, ``out`` or ``(out, lse)``, against the oracle by the rule."""
+          return_lse: bool, precision: Precision = SPEC) -> Outcome:  # fmt: skip
+    """A candidate's result, ``out`` or ``(out, lse)``, against the oracle by the rule (with
+    the allowance of the candidate's ``precision`` contract)."""
     if return_lse:
         if not (isinstance(result, tuple | list) and len(result) == 2):
             return start.but(message="return_lse is set, so fn must return (out, lse)")
@@ -91,7 +113,7 @@ def judge(start: Outcome, result: Any, arrays: dict[str, Any], scalars: dict[str
         if isinstance(result, tuple | list):
             return start.but(message="return_lse is not set, so fn must return out alone")
         out_raw, lse_raw = result, None
-    ref_out, ref_lse, allowed = allowance(arrays, scalars, start.dtype)
+    ref_out, ref_lse, allowed = allowance(arrays, scalars, start.dtype, precision)
     out, message = as_numpy("out", out_raw, ref_out.shape)
     if message:
         return start.but(message=message)

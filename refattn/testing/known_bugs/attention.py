@@ -17,8 +17,10 @@ import numpy as np
 
 import refattn
 from refattn.backends import to_numpy
-from refattn.testing.candidate import AttentionProblem
+from refattn.backends.base import numpy_dtype, round_to
+from refattn.testing.candidate import AttentionProblem, Unsupported
 from refattn.testing.drawing import DEFAULT_FEATURES
+from refattn.testing.precision import Precision
 
 Visible = Callable[[np.ndarray, np.ndarray, AttentionProblem], np.ndarray]
 
@@ -48,13 +50,19 @@ def textbook(
     accumulate: Any = None,
     product: Any = None,
     values: Callable[[np.ndarray], np.ndarray] | None = None,
+    scores: str | None = None,
 ) -> Any:
     """Plain matmul-softmax-matmul in float32 (float64 for float64 problems), as users write it.
 
     Each keyword is a place where a kernel goes wrong; the defaults are right.
-    ``product`` is the dtype q·kᵀ is multiplied in (before the scale), and
-    ``values`` what is done to V before the weighted sum.
+    ``product`` is the dtype q·kᵀ is multiplied in (before the scale),
+    ``scores`` the dtype the scores are stored in after each step (the scale,
+    softcap, ALiBi), and ``values`` what is done to V before the weighted sum.
     """
+
+    def stored(s: np.ndarray) -> np.ndarray:
+        return s if scores is None else round_to(s, scores).astype(acc)
+
     acc = accumulate or (np.float64 if p.dtype == "float64" else np.float32)
     q, k, v = (to_numpy(x).astype(acc) for x in (p.q, p.k, p.v))
     q_pos, k_pos = to_numpy(p.q_pos).astype(np.int64), to_numpy(p.k_pos).astype(np.int64)
@@ -72,12 +80,12 @@ def textbook(
             s = q @ np.swapaxes(k, -1, -2)  # (B, Hq, Sq, Sk)
         else:
             s = (q.astype(product) @ np.swapaxes(k.astype(product), -1, -2)).astype(acc)
-        s = s * acc(p.scale if scale is None else scale)
+        s = stored(s * acc(p.scale if scale is None else scale))
         if p.softcap is not None and not softcap_after_mask:
-            s = p.softcap * np.tanh(s / p.softcap)
+            s = stored(p.softcap * np.tanh(s / p.softcap))
         if p.alibi_slopes is not None:
             slopes = to_numpy(p.alibi_slopes).astype(acc).reshape(-1, Hq, 1, 1)
-            s = s - slopes * distance[:, None].astype(acc)
+            s = stored(s - slopes * distance[:, None].astype(acc))
         s = np.where(seen, s, -np.inf)  # (B, Hq, Sq, Sk)
         if p.softcap is not None and softcap_after_mask:
             s = p.softcap * np.tanh(s / p.softcap)
@@ -101,6 +109,22 @@ def blockwise(p: AttentionProblem) -> Any:
         window=p.window, softcap=p.softcap, alibi_slopes=p.alibi_slopes,
         return_lse=p.return_lse, block_q=3, block_k=5,
     )  # fmt: skip
+
+
+def float16_scores(p: AttentionProblem) -> Any:
+    """Correct under the contract it declares: stores its scores in the input dtype (float16
+    for float16 inputs), formed with a float32 accumulator, scaled, then rounded; softmax and
+    weighted sum in float32. ``precision = Precision(scores="input")``. Scores past the
+    input dtype's range cannot be stored: it refuses those problems."""
+    q, k = (to_numpy(x).astype(np.float64) for x in (p.q, p.k))
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    largest = float(np.abs(p.scale * (q @ np.swapaxes(k, -1, -2))).max(initial=0.0))
+    if largest >= float(np.finfo(numpy_dtype(p.dtype)).max) / 2:
+        raise Unsupported(f"scores past what {p.dtype} holds")
+    return textbook(p, scores=p.dtype)
+
+
+float16_scores.precision = Precision(scores="input")  # type: ignore[attr-defined]
 
 
 def split_kv(p: AttentionProblem) -> Any:
@@ -234,6 +258,12 @@ def float16_product_then_scale(p: AttentionProblem) -> Any:
     return textbook(p, product=np.float16 if p.dtype == "float16" else None)
 
 
+def rounds_scores_to_float16(p: AttentionProblem) -> Any:
+    """Stores its scores in float16 but declares nothing: judged by the spec's own precision
+    (float32 scores for float16 inputs), its rounding of the scores is an error."""
+    return textbook(p, scores="float16")
+
+
 def guards_nan_not_inf(p: AttentionProblem) -> Any:
     """Zeroes NaN in V before the weighted sum (``nan_to_num``-style, NaN only), but an
     infinity in a slot no query sees still meets a weight of 0: ``0 * inf = NaN``."""
@@ -259,6 +289,7 @@ WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
         (accumulates_in_float16, ("float16",)),
         (drops_last_partial_tile, ("float32",)),
         (float16_product_then_scale, ("float16",)),
+        (rounds_scores_to_float16, ("float16",)),
         (guards_nan_not_inf, ("float32",)),
     )
 }
@@ -269,5 +300,5 @@ FEATURES: dict[str, frozenset[str]] = {
 }
 #: Correct kernels written differently from the spec.
 CORRECT: dict[str, Callable[[AttentionProblem], Any]] = {
-    f.__name__: f for f in (textbook, blockwise, split_kv)
+    f.__name__: f for f in (textbook, blockwise, split_kv, float16_scores)
 }
