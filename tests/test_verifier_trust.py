@@ -410,9 +410,14 @@ def test_float16_overflow_before_the_scale_is_drawn() -> None:
     find(attention_specs(), overflows_first)
 
 
-def test_a_tail_tile_bug_is_caught_on_every_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bug", ["drops_last_partial_tile", "float16_weighted_sum"])
+def test_a_tail_tile_or_long_row_bug_is_caught_on_every_seed(
+    monkeypatch: pytest.MonkeyPatch, bug: str
+) -> None:
+    """The keys past the last full tile of 64 dropped, or the weighted sum of thousands of
+    values accumulated in float16: caught within the default examples on 20 seeds of 20."""
     monkeypatch.setattr(refattn.testing.search, "SHRINK_BUDGET", 0)  # caught is enough here
-    fn, dtypes = WRONG_KERNELS["drops_last_partial_tile"]
+    fn, dtypes = WRONG_KERNELS[bug]
     caught = [not check_attention(fn, dtypes=dtypes, seed=s, max_failures=1).passed
               for s in range(20)]  # fmt: skip
     assert sum(caught) == 20

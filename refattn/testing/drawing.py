@@ -25,8 +25,10 @@ feature           what it draws
 ``softcap``       tanh soft-capping of the scores, caps from 0.5 to 50
 ``alibi``         ALiBi slopes, per head or per (batch, head)
 ``lse``           the log-sum-exp is asked for as well
-``long``          rows of 64 to 4096 keys, where low-precision sums drift (a
-                  float16 accumulator shows past a few thousand)
+``long``          rows of 64 to 4096 keys (half of them 2048 or more), where
+                  low-precision sums drift, mostly with values around a mean
+                  of 2 (a float16 accumulator loses such terms past a few
+                  thousand keys)
 ``tiles``         Sk, and often Sq, at the tile sizes kernels use (16, 32, 64,
                   128, 256) and one either side, where a kernel that drops its
                   last partial tile fails
@@ -224,7 +226,8 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     """An attention problem with only ``features`` switched on (each maybe, by the draw).
 
     Short rows have up to ``max_len`` queries and keys. With ``long``, one
-    problem in eight has 64 to 4096 keys and at most 4 queries; with
+    problem in eight has 64 to 4096 keys (half of them 2048 or more) and at
+    most 4 queries; with
     ``tiles``, one in eight has a tile length of keys (16 to 256, or one
     either side) and, half the time, of queries too. Those have one row and
     at most two KV heads of two query heads each.
@@ -239,10 +242,13 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     big = ("long" in on and shape == 6) or ("tiles" in on and shape == 7)
     kv_heads = draws.integer(1, 2 if big else 3)  # long rows: fewer heads, the same corners
     groups = draws.integer(1, 2 if big else 4) if "gqa" in on else 1
+    offset = 0.0
     if "long" in on and shape == 6:
-        batch, k_len, q_len = 1, draws.integer(64, 4096), draws.integer(1, 4)
+        batch, q_len = 1, draws.integer(1, 4)
+        k_len = draws.integer(64, 4096) if draws.flag() else draws.integer(2048, 4096)
         while _at_tile(k_len):  # a long row is not also a tile corner
             k_len += 1
+        offset = 8.0 if draws.integer(0, 3) else 0.0  # values with a mean: long sums lose it
     elif "tiles" in on and shape == 7:
         batch, k_len = 1, _tile_length(draws)
         q_len = _tile_length(draws) if draws.flag() else draws.integer(1, max_len)
@@ -253,11 +259,15 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     head_dim = draws.choice(HEAD_DIMS)
     window = None
     if "window" in on and draws.flag():
-        window = draws.integer(1, k_len + 2)
+        # A long row keeps at least half its keys in the window: its length is the point.
+        window = draws.integer(1 if k_len < 64 else k_len // 2, k_len + 2)
     softcap = None
     if "softcap" in on and draws.flag():
         softcap = draws.choice(SOFTCAPS) if draws.flag() else draws.real(0.5, 50.0)
     unseen = "unseen_nan" in on and draws.flag()
+    logit_sizes = (1.0, 30.0, 1e4) if "large_logits" in on else (1.0, 30.0)
+    if offset:  # flat scores mostly, where every one of the many terms counts
+        logit_sizes = (1.0, 1.0, 30.0)
     return ProblemSpec(
         batch=batch,
         q_heads=kv_heads * groups,
@@ -276,12 +286,13 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
         mask="mask" in on and draws.flag(),
         bias="bias" in on and draws.flag(),
         scale=draws.real(0.05, 2.0) if draws.flag() else None,
-        logit_size=draws.choice((1.0, 30.0, 1e4) if "large_logits" in on else (1.0, 30.0)),
+        logit_size=draws.choice(logit_sizes),
         unseen_nan=unseen,
         seen_nan="seen_nan" in on and draws.flag(),
         return_lse="lse" in on and draws.flag(),
         seed=draws.integer(0, 2**32 - 1),
         unseen_values=draws.choice(UNSEEN_VALUES) if unseen else "nan",
+        value_offset=offset,
     )
 
 

@@ -28,7 +28,7 @@ Spec = TypeVar("Spec", bound=ProblemSpec | CacheSpec)
 #: Fields switched back to their default first, in this order: each is one try.
 _OPTIONS = ("mask", "bias", "sink_logits", "seen_nan", "unseen_nan", "alibi", "softcap",
             "window", "sink_tokens", "causal", "return_lse", "scale", "layout", "logit_size",
-            "unseen_values")  # fmt: skip
+            "unseen_values", "value_offset")  # fmt: skip
 #: Integer fields shrunk by bisection towards their least value.
 _LENGTHS = {"batch": 1, "q_len": 0, "k_len": 0, "window": 1, "sink_tokens": 0}
 #: Dims tried in this order (the first is where shrinking goes).

@@ -51,13 +51,15 @@ def textbook(
     product: Any = None,
     values: Callable[[np.ndarray], np.ndarray] | None = None,
     scores: str | None = None,
+    sum_values_in: Any = None,
 ) -> Any:
     """Plain matmul-softmax-matmul in float32 (float64 for float64 problems), as users write it.
 
     Each keyword is a place where a kernel goes wrong; the defaults are right.
     ``product`` is the dtype q·kᵀ is multiplied in (before the scale),
     ``scores`` the dtype the scores are stored in after each step (the scale,
-    softcap, ALiBi), and ``values`` what is done to V before the weighted sum.
+    softcap, ALiBi), ``values`` what is done to V before the weighted sum, and
+    ``sum_values_in`` the dtype that sum accumulates in, key by key.
     """
 
     def stored(s: np.ndarray) -> np.ndarray:
@@ -93,7 +95,14 @@ def textbook(
         m = np.where(np.isfinite(m), m, 0) if subtract_max else np.zeros_like(m)
         e = np.exp(s - m)
         z = e.sum(axis=-1, keepdims=True, dtype=acc)
-        out = (e @ v) / z
+        if sum_values_in is None:
+            out = (e @ v) / z
+        else:  # key by key, rounding the running sum
+            out = np.zeros((*e.shape[:-1], v.shape[-1]), dtype=sum_values_in)
+            for j in range(e.shape[-1]):
+                term = (e[..., j, None] / z) * np.where(seen[..., j, None], v[:, :, None, j], 0)
+                out = (out + term.astype(sum_values_in)).astype(sum_values_in)
+            out = out.astype(acc)
         if guard_empty_rows:
             out = np.where(z > 0, out, 0)
         lse = (lse_log(z) + m)[..., 0]
@@ -264,6 +273,13 @@ def rounds_scores_to_float16(p: AttentionProblem) -> Any:
     return textbook(p, scores="float16")
 
 
+def float16_weighted_sum(p: AttentionProblem) -> Any:
+    """Scores and softmax in float32, but the weighted sum of the values accumulated in
+    float16, key by key: past a couple of thousand keys each term falls below half an ulp
+    of the running sum and is lost."""
+    return textbook(p, sum_values_in=np.float16 if p.dtype == "float16" else None)
+
+
 def guards_nan_not_inf(p: AttentionProblem) -> Any:
     """Zeroes NaN in V before the weighted sum (``nan_to_num``-style, NaN only), but an
     infinity in a slot no query sees still meets a weight of 0: ``0 * inf = NaN``."""
@@ -290,6 +306,7 @@ WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
         (drops_last_partial_tile, ("float32",)),
         (float16_product_then_scale, ("float16",)),
         (rounds_scores_to_float16, ("float16",)),
+        (float16_weighted_sum, ("float16",)),
         (guards_nan_not_inf, ("float32",)),
     )
 }
