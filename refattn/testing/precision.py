@@ -211,7 +211,8 @@ def evaluate(
     dtype: str,
     precision: Precision = SPEC,
     *,
-    product_rounded: bool = True,
+    fused: bool = False,
+    sequential: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The spec's attention on NumPy, rounded as ``precision`` says, for inputs in ``dtype``.
 
@@ -226,9 +227,14 @@ def evaluate(
         Any of ``causal``, ``window``, ``sink_tokens``, ``softcap``, ``scale``
     dtype : the input dtype: float64, float32, float16 or bfloat16
     precision : the contract (default: the spec's own)
-    product_rounded : round :math:`q \\cdot k` to the scores' dtype before the scale (as
-        ``matmul(q, k.T) * scale`` does), or scale it first and round once
-        (:func:`scaled_products`)
+    fused : each score step computed in working precision and rounded once, as a fused
+        kernel storing its score tile in the scores' dtype does (the product scaled
+        before it is rounded, the softcap rounded once), rather than every operation
+        rounded as an eager layer's ``matmul(q, k.T) * scale`` does
+        (:func:`scaled_products`, :func:`softcapped`)
+    sequential : each dot product :math:`q \\cdot k` summed one dim at a time, in order,
+        as a plain loop (or a matmul that is not a BLAS call) does, rather than as a
+        blocked GEMM
 
     Returns
     -------
@@ -260,9 +266,9 @@ def evaluate(
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
     score_dtype = stages.scores
     with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
-        s = scaled_products(q, k, scale, score_dtype, product_rounded=product_rounded)
+        s = scaled_products(q, k, scale, score_dtype, fused=fused, sequential=sequential)
         if scalars.get("softcap") is not None:
-            s = softcapped(s, scalars["softcap"], score_dtype)
+            s = softcapped(s, scalars["softcap"], score_dtype, fused=fused)
         if arrays.get("alibi_slopes") is not None:
             slopes = rounded(np.reshape(arrays["alibi_slopes"], (-1, Hkv, G)), score_dtype)
             distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
@@ -317,32 +323,48 @@ def working(dtype: str) -> str:
 
 
 def scaled_products(
-    q: np.ndarray, k: np.ndarray, scale: float, dtype: str, *, product_rounded: bool = True
+    q: np.ndarray,
+    k: np.ndarray,
+    scale: float,
+    dtype: str,
+    *,
+    fused: bool = False,
+    sequential: bool = False,
 ) -> np.ndarray:
     """:math:`r(r(q \\cdot k) \\cdot \\text{scale})`, grouped by KV head: (B, Hkv, G, Sq, Sk).
 
     The product is one GEMM per KV head accumulated in :func:`working`
     precision, rounded to ``dtype`` once; then it is scaled and rounded again.
-    Without ``product_rounded``, the product is scaled in working precision
-    and rounded once, :math:`r(q \\cdot k \\cdot \\text{scale})`, as a fused
-    kernel that stores its score tile in ``dtype`` does: that form never
-    overflows before the scale.
+    With ``fused``, the product is scaled in working precision and rounded
+    once, :math:`r(q \\cdot k \\cdot \\text{scale})`, as a fused kernel that
+    stores its score tile in ``dtype`` does: that form never overflows before
+    the scale. With ``sequential``, each dot product is summed one dim at a
+    time in working precision, rounding after every add.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     wide = numpy_dtype(working(dtype))
     q_rows = np.reshape(q, (B, Hkv, G * Sq, D)).astype(wide)  # (B, Hkv, G*Sq, D)
-    product = np.matmul(q_rows, np.swapaxes(k.astype(wide), -1, -2))  # (B, Hkv, G*Sq, Sk)
+    if sequential:
+        keys = k.astype(wide)
+        product = np.zeros((B, Hkv, G * Sq, Sk), dtype=wide)  # (B, Hkv, G*Sq, Sk)
+        for d in range(D):
+            product = product + q_rows[:, :, :, d, None] * keys[:, :, None, :, d]
+    else:
+        product = np.matmul(q_rows, np.swapaxes(k.astype(wide), -1, -2))  # (B, Hkv, G*Sq, Sk)
     product = np.reshape(product, (B, Hkv, G, Sq, Sk))  # (B, Hkv, G, Sq, Sk)
-    if product_rounded:
+    if not fused:
         product = rounded(product, dtype)
     return rounded(product * rounded(scale, working(dtype)), dtype)
 
 
-def softcapped(s: np.ndarray, softcap: float, dtype: str) -> np.ndarray:
-    """:math:`r(c \\cdot r(\\tanh(r(s / c))))`: the softcap, each operation rounded to ``dtype``."""
+def softcapped(s: np.ndarray, softcap: float, dtype: str, *, fused: bool = False) -> np.ndarray:
+    """:math:`r(c \\cdot r(\\tanh(r(s / c))))`: the softcap, each operation rounded to ``dtype``
+    (``fused``: computed in working precision and rounded once, :math:`r(c \\tanh(s / c))`)."""
     c = rounded(softcap, working(dtype))
+    if fused:
+        return rounded(c * np.tanh(s / c), dtype)
     return rounded(c * rounded(np.tanh(rounded(s / c, dtype)), dtype), dtype)
 
 
