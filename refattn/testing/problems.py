@@ -75,15 +75,7 @@ class ProblemSpec:
     def __post_init__(self) -> None:
         """A spec that describes no valid attention call is refused here, naming the field,
         so that a mistake in it is never blamed on the candidate it is handed to."""
-        for name, minimum in (("batch", 1), ("q_heads", 1), ("kv_heads", 1), ("q_len", 0),
-                              ("k_len", 0), ("head_dim", 1), ("value_dim", 1),
-                              ("sink_tokens", 0), ("seed", 0)):  # fmt: skip
-            check_integer(f"ProblemSpec.{name}", getattr(self, name), minimum=minimum)
-        if self.q_heads % self.kv_heads:
-            raise ValueError(
-                f"ProblemSpec.q_heads must be a multiple of kv_heads ({self.kv_heads}); "
-                f"got {self.q_heads}"
-            )
+        _check_counts(self, {"q_len": 0, "k_len": 0, "value_dim": 1})
         if self.window is not None:
             check_integer("ProblemSpec.window", self.window, minimum=1)
         check_real("ProblemSpec.softcap", self.softcap, positive=True)
@@ -97,6 +89,19 @@ class ProblemSpec:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"ProblemSpec.{name} must be True or False; got {value!r}")
+
+
+def _check_counts(spec: ProblemSpec | CacheSpec, own: dict[str, int]) -> None:
+    """The integer fields every spec has (and ``own``, each with its least value), and the
+    query heads a multiple of the KV heads."""
+    kind = type(spec).__name__
+    least = {"batch": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1, "sink_tokens": 0, "seed": 0}
+    for name, minimum in (least | own).items():
+        check_integer(f"{kind}.{name}", getattr(spec, name), minimum=minimum)
+    if spec.q_heads % spec.kv_heads:
+        raise ValueError(
+            f"{kind}.q_heads must be a multiple of kv_heads ({spec.kv_heads}); got {spec.q_heads}"
+        )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -268,14 +273,7 @@ class CacheSpec:
 
     def __post_init__(self) -> None:
         """Refuse a history that describes no valid decoding, naming the field."""
-        for name, minimum in (("batch", 1), ("q_heads", 1), ("kv_heads", 1), ("head_dim", 1),
-                              ("sink_tokens", 0), ("seed", 0)):  # fmt: skip
-            check_integer(f"CacheSpec.{name}", getattr(self, name), minimum=minimum)
-        if self.q_heads % self.kv_heads:
-            raise ValueError(
-                f"CacheSpec.q_heads must be a multiple of kv_heads ({self.kv_heads}); "
-                f"got {self.q_heads}"
-            )
+        _check_counts(self, {})
         if not isinstance(self.steps, tuple) or not self.steps:
             raise TypeError(f"CacheSpec.steps must be a non-empty tuple; got {self.steps!r}")
         for n in self.steps:
