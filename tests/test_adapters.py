@@ -26,6 +26,7 @@ import pytest
 from refattn.testing import (
     ProblemSpec,
     Report,
+    Unavailable,
     Unsupported,
     adapters,
     check_attention,
@@ -154,13 +155,15 @@ def test_flash_attn_agrees_with_the_spec(
     assert _supported_share(report, dtype) >= share, str(report)
 
 
-def test_flash_adapters_without_flash_attn_raise_unsupported() -> None:
+def test_flash_adapters_without_flash_attn_are_unavailable() -> None:
     if _flash_usable():
         pytest.skip("flash_attn and CUDA are usable here")
     problem = make_problem(ProblemSpec(), dtype="float16")
     for adapter in (adapters.flash_attn_func, adapters.flash_attn_with_kvcache):
-        with pytest.raises(Unsupported, match=r"flash_attn is not installed|needs CUDA"):
+        with pytest.raises(Unavailable, match=r"flash_attn is not installed|needs CUDA"):
             adapter(problem)
+        report = check_attention(adapter, dtypes=("float16",), max_examples=20, seed=0)
+        assert report.unavailable and not report.failures and not report.passed
 
 
 class _FlashModel:

@@ -19,7 +19,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -174,6 +176,37 @@ def test_an_adapter_whose_library_is_missing_is_unavailable(
     code = main(["verify", "--candidate", "refattn.testing.adapters:torch_flex_attention"])
     out = capsys.readouterr().out
     assert code == 1 and "unavailable: torch is not installed" in out and "reproducer" not in out
+
+
+def test_the_flex_attention_switch_is_shared_safely_by_two_threads() -> None:
+    """The switch that runs FlexAttention uncompiled is one module attribute: a thread that
+    leaves must not turn it off under another, and the last one out puts it back."""
+    from refattn.testing import adapters
+
+    switch = adapters._FLEX_EAGER_SWITCH
+    flex = SimpleNamespace(**{switch: False})
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with adapters._uncompiled(flex):
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with adapters._uncompiled(flex):
+            second_in.set()
+            first_out.wait(5)
+            seen.append(getattr(flex, switch))  # the first has left; this one is still in
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [True] and getattr(flex, switch) is False
 
 
 @pytest.mark.parametrize(
