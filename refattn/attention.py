@@ -9,10 +9,10 @@ from typing import Any
 from array_api_compat import device
 
 from refattn.checks import ARRAY_OPTIONS, check_call
-from refattn.namespace import Array, Namespace, compute_dtype, namespace_of
+from refattn.namespace import Array, Namespace, compute_dtype, namespace_of, unchecked_arithmetic
 from refattn.options import AttentionOptions, takes_options
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
-from refattn.scores import alibi_bias, group_heads, scaled_scores, softcap_scores
+from refattn.scores import alibi_bias, group_heads, scaled_scores, seen_scores, softcap_scores
 from refattn.softmax import masked_softmax
 
 
@@ -40,7 +40,9 @@ def attention(q: Array, k: Array, v: Array, **options: Any) -> Array | tuple[Arr
             \qquad \text{lse}_i = \log Z_i
 
     A row with no visible key returns :math:`o_i = 0` and
-    :math:`\text{lse}_i = -\infty`, with no warning and no NaN.
+    :math:`\text{lse}_i = -\infty`, with no warning and no NaN. An inf or
+    NaN in a key or value slot that a query does not see reaches neither its
+    output nor, under autograd, its gradient, and raises no warning.
 
     Parameters
     ----------
@@ -198,19 +200,62 @@ def scores(call: Call, queries: slice, keys: slice) -> tuple[Array, Array]:
 
     Returns (B, Hkv, G, bq, bk) scores after every modifier, in the order of the
     formula, and a boolean array broadcastable to them.
+
+    The scores are one product of the queries with every key of the block
+    (:func:`guarded_scores`: where a key is not finite, each query multiplies
+    only the keys it sees).
     """
     xp = call.xp
     q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
     q, k = call.q[:, :, queries, :], call.keys(keys)
+    visible = block_visibility(call, queries, keys)  # (B, 1 or Hkv, 1 or G, bq, bk)
 
-    s = scaled_scores(xp, q, k, call.scale)  # (B, Hkv, G, bq, bk)
+    s = guarded_scores(xp, q, k, call.scale, visible)  # (B, Hkv, G, bq, bk)
     if call.softcap is not None:
         s = softcap_scores(xp, s, call.softcap)
     if call.slopes is not None:
         s = s + alibi_bias(xp, call.slopes, q_pos, k_pos)  # (B, Hkv, G, bq, bk)
     if call.bias is not None:
         s = s + _block(call.bias, queries, keys)  # (B, Hkv, G, bq, bk)
-    return s, block_visibility(call, queries, keys)
+    return s, visible
+
+
+def guarded_scores(xp: Namespace, q: Array, k: Array, scale: float, visible: Array) -> Array:
+    """:func:`~refattn.scores.scaled_scores` of q (B, Hq, bq, D) and k (B, Hkv, bk, D), with
+    what a query does not see kept out of its scores and its gradient: (B, Hkv, G, bq, bk).
+
+    One product of the queries with every key is taken first, and read rather
+    than K: a key that is not finite (an inf or NaN left in a slot that may be
+    hidden) makes its score with every finite query not finite. So the first
+    query's row says, when that query is finite (the usual case: bk numbers
+    per KV head); otherwise the rows of every finite query of each KV head
+    are looked at. (A query that is not finite has a row of NaN of its own,
+    which says nothing about the keys.)
+
+    A KV head of a batch row that holds such a key is scored again with each
+    query multiplying only the keys it sees (:func:`~refattn.scores.seen_scores`;
+    the pairs not visible score 0, and the softmax drops them either way). The
+    other KV heads keep the product (the same numbers), taken again with that
+    head's keys zeroed, since under autograd the first product's backward
+    multiplies a NaN key by a gradient of exactly 0 for every query.
+    """
+    with unchecked_arithmetic():
+        s = scaled_scores(xp, q, k, scale)  # (B, Hkv, G, bq, bk)
+    B, Hkv, G, bq, _ = s.shape
+    q = xp.reshape(q, (B, Hkv, G, bq, q.shape[-1]))  # (B, Hkv, G, bq, D)
+    if bq == 0 or bool(
+        xp.all(xp.isfinite(q[:, :, :1, :1, :])) & xp.all(xp.isfinite(s[:, :, :1, :1, :]))
+    ):
+        return s
+    finite_query = xp.all(xp.isfinite(q), axis=-1, keepdims=True)  # (B, Hkv, G, bq, 1)
+    shows_a_key = finite_query & ~xp.isfinite(s)  # (B, Hkv, G, bq, bk)
+    finite_keys = ~xp.any(shows_a_key, axis=(2, 3, 4), keepdims=True)  # (B, Hkv, 1, 1, 1)
+    if bool(xp.all(finite_keys)):
+        return s
+    zero = xp.zeros((), dtype=k.dtype, device=device(k))
+    q = xp.reshape(q, (B, Hkv * G, bq, q.shape[-1]))  # (B, Hq, bq, D)
+    kept = scaled_scores(xp, q, xp.where(finite_keys[:, :, 0, :, :], k, zero), scale)
+    return xp.where(finite_keys, kept, seen_scores(xp, q, k, scale, visible))
 
 
 def block_visibility(call: Call, queries: slice, keys: slice) -> Array:
@@ -257,18 +302,40 @@ def weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
     once. A NaN or inf value would leak through that product into queries
     that cannot see it (a weight of exactly 0 times NaN is NaN), so the rows
     whose product is not finite are summed again over only the values their
-    query sees: slower, and taken only then. Checking the (small) output
-    rather than V keeps V to one read, and a row whose product is finite saw
-    only finite values, so it keeps the product.
+    query sees (:func:`seen_sum`): slower, and taken only then. Checking the
+    (small) output rather than V keeps V to one read, and a row whose product
+    is finite saw only finite values (every value of its KV head, seen or
+    not, entered its product), so it keeps the product: the same numbers,
+    taken again with the other rows' weights zeroed, since under autograd the
+    first product's backward multiplies a NaN value by a gradient of 0.
     """
     B, Hkv, G, Sq, Sk = p.shape
     Dv = v.shape[-1]
-    out = xp.matmul(xp.reshape(p, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
-    out = xp.reshape(out, (B, Hkv, G, Sq, Dv))
+
+    def product(weights: Array) -> Array:
+        out = xp.matmul(xp.reshape(weights, (B, Hkv, G * Sq, Sk)), v)  # (B, Hkv, G*Sq, Dv)
+        return xp.reshape(out, (B, Hkv, G, Sq, Dv))
+
+    with unchecked_arithmetic():
+        out = product(p)
     finite = xp.all(xp.isfinite(out), axis=-1, keepdims=True)  # (B, Hkv, G, Sq, 1)
     if bool(xp.all(finite)):
         return out
+    zero = xp.zeros((), dtype=p.dtype, device=device(p))
+    with unchecked_arithmetic():  # the rows zeroed may still meet an inf value: 0 * inf
+        kept = product(xp.where(finite, p, zero))
+    return xp.where(finite, kept, seen_sum(xp, p, v, visible))
+
+
+def seen_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
+    """:math:`o_i = \\sum_{j \\in V_i} p_{ij} v_j` with each row multiplying only the
+    values its query sees, (B, Hkv, G, Sq, Dv).
+
+    A (Sk, Dv) value block per query, the unseen values replaced by 0, so an
+    inf or NaN value meets neither the weight 0 of a query that does not see
+    it nor, under autograd, that query's output gradient.
+    """
     zero = xp.zeros((), dtype=v.dtype, device=device(v))
-    seen = xp.where(visible[..., None], v[:, :, None, None, :, :], zero)  # (B, Hkv, G, Sq, Sk, Dv)
-    exact = xp.sum(p[..., None] * seen, axis=-2)  # (B, Hkv, G, Sq, Dv)
-    return xp.where(finite, out, exact)
+    # (B, Hkv, G or 1, Sq, Sk, Dv): the values each query sees, 0 for the others
+    seen = xp.where(visible[..., None], v[:, :, None, None, :, :], zero)
+    return xp.matmul(p[..., None, :], seen)[..., 0, :]  # (B, Hkv, G, Sq, Dv)

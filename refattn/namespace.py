@@ -8,10 +8,17 @@ array-api-strict.
 Precision policy: float16 and bfloat16 inputs are computed in float32 and the
 result is cast back to the input dtype; float32 and float64 are computed in
 their own dtype.
+
+Floating-point warnings: of the libraries the spec runs on, only NumPy (and
+array-api-strict, which computes through NumPy) warns when arithmetic meets
+inf or NaN. :func:`unchecked_arithmetic` silences it for the products the
+spec takes on trust and checks afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import array_api_compat
@@ -107,3 +114,29 @@ def compute_dtype(xp: Namespace, dtype: Any) -> Any:
     (True, True)
     """
     return xp.float32 if is_low_precision(dtype) else dtype
+
+
+def unchecked_arithmetic() -> contextlib.AbstractContextManager[Any]:
+    """Floating-point warnings off, for a product that is checked after it is taken.
+
+    Attention first multiplies whole blocks of keys and values, the slots
+    no query sees included, and looks at the (small) result: if it is not
+    finite, the product is thrown away and taken again over only the visible
+    pairs. An inf in an unseen slot may make the first product warn
+    (``inf - inf``, ``0 * inf``) about a number that is never used; that
+    warning is what this turns off. NumPy's error state is thread- and
+    context-local. NumPy is looked up, never imported: a caller whose arrays
+    are NumPy's (or array-api-strict's) has imported it, and no other
+    library warns.
+
+    >>> import numpy as np, warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error")
+    ...     with unchecked_arithmetic():
+    ...         print(np.array([np.inf]) @ np.array([0.0]))
+    nan
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return contextlib.nullcontext()
+    return numpy.errstate(invalid="ignore", over="ignore")

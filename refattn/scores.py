@@ -8,6 +8,8 @@ without repeating K or V.
 
 from __future__ import annotations
 
+from array_api_compat import device
+
 from refattn.namespace import Array, Namespace
 
 
@@ -32,6 +34,42 @@ def scaled_scores(xp: Namespace, q: Array, k: Array, scale: float) -> Array:
     q_rows = xp.reshape(q * scale, (B, Hkv, G * Sq, D))  # (B, Hkv, G*Sq, D)
     s = xp.matmul(q_rows, xp.matrix_transpose(k))  # (B, Hkv, G*Sq, Sk)
     return xp.reshape(s, (B, Hkv, G, Sq, Sk))  # (B, Hkv, G, Sq, Sk)
+
+
+def seen_scores(xp: Namespace, q: Array, k: Array, scale: float, visible: Array) -> Array:
+    """:func:`scaled_scores` for the pairs in ``visible``, 0 for the rest, without ever
+    multiplying a query by a key it does not see.
+
+    Parameters
+    ----------
+    q : (B, Hq, Sq, D)
+    k : (B, Hkv, Sk, D)
+    visible : boolean, broadcastable to (B, Hkv, G, Sq, Sk)
+
+    Returns
+    -------
+    (B, Hkv, G, Sq, Sk)
+
+    The slow path, for keys that are not all finite: a (Sk, D) key block per
+    query, each holding only the keys that query sees, so an inf or NaN key
+    reaches neither the scores nor, under autograd, the gradient of a query
+    that does not see it (the plain product's backward multiplies the key by
+    a gradient of exactly 0, and 0 * NaN is NaN).
+
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> q, k = np.ones((1, 1, 2, 1)), np.array([1.0, np.nan]).reshape(1, 1, 2, 1)
+    >>> seen_scores(xp, q, k, 1.0, np.array([[True, False], [True, True]]))[0, 0, 0]
+    array([[ 1.,  0.],
+           [ 1., nan]])
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    q_rows = xp.reshape(q * scale, (B, Hkv, Hq // Hkv, Sq, 1, D))  # (B, Hkv, G, Sq, 1, D)
+    zero = xp.zeros((), dtype=k.dtype, device=device(k))
+    # (B, Hkv, G or 1, Sq, Sk, D): the keys each query sees, 0 for the others
+    seen = xp.where(visible[..., None], k[:, :, None, None, :, :], zero)
+    return xp.matmul(q_rows, xp.matrix_transpose(seen))[..., 0, :]  # (B, Hkv, G, Sq, Sk)
 
 
 def softcap_scores(xp: Namespace, s: Array, softcap: float) -> Array:
