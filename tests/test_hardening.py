@@ -6,6 +6,7 @@ Each test states one property the library holds and would fail if it did not.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -14,7 +15,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refattn import attention, attention_blockwise, attention_split_kv
+from refattn import (
+    CrossAttentionCache,
+    DynamicCache,
+    KVCache,
+    PagedCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    StaticCache,
+    attention,
+    attention_blockwise,
+    attention_split_kv,
+)
+from refattn.caches import KINDS, make_cache
 
 FORMS: dict[str, Callable[..., Any]] = {
     "attention": attention,
@@ -164,3 +177,220 @@ def test_inf_and_nan_a_query_does_not_see_leave_its_gradient_finite_and_unchange
     np.testing.assert_allclose(got["q"][:, :, loss], expected["q"][:, :, loss], atol=1e-12)
     for n in ("k", "v"):
         np.testing.assert_allclose(got[n][:, :, clean], expected[n][:, :, clean], atol=1e-12)
+
+
+# -- 3. n_new holds integers ---------------------------------------------------------------------
+
+SHAPE: dict[str, Any] = {"batch": 2, "kv_heads": 1, "head_dim": 2, "dtype": np.float64}
+OWN = {"sliding": {"window": 3}}  # a small ring, so that it wraps
+
+
+def new_cache(kind: str, **shape: Any) -> KVCache:
+    return make_cache(kind, max_len=12, **{**SHAPE, **shape}, **OWN.get(kind, {}))
+
+
+def tokens(T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    k, v = np.random.default_rng(seed).standard_normal((2, 2, 1, T, 2))
+    return k, v
+
+
+def state(cache: KVCache) -> dict[str, Any]:
+    """Everything a cache holds (arrays and bookkeeping), copied."""
+    return {name: copy.deepcopy(x) for name, x in vars(cache).items() if name != "xp"}
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for name, x in before.items():
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(after[name], x, err_msg=name)
+        else:
+            assert after[name] == x, name
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "cross"])
+@pytest.mark.parametrize(
+    "n_new", [[1.5, 2], [2.0, 1], np.array([1.0, 2.0]), [np.float64(2), 1], [True, 1]], ids=repr
+)
+def test_a_count_of_new_tokens_that_is_not_an_integer_is_refused_and_changes_nothing(
+    kind: str, n_new: Any
+) -> None:
+    cache = new_cache(kind)
+    if kind != "cross":  # a cross-attention cache takes one input: it is tested empty
+        cache.update(*tokens(2, 0), n_new=[2, 1])
+    before = state(cache)
+    with pytest.raises(TypeError, match=r"n_new must hold integers \(real tokens per row\); got"):
+        cache.update(*tokens(2, 1), n_new=n_new)
+    assert_same_state(before, state(cache))
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "cross"])
+@pytest.mark.parametrize(
+    "n_new",
+    [[np.int64(2), 1], [np.int32(2), np.int8(1)], np.array([2, 1]), np.array([2, 1], np.int32)],
+    ids=repr,
+)
+def test_counts_of_new_tokens_may_be_numpy_integers_or_integer_arrays(
+    kind: str, n_new: Any
+) -> None:
+    plain, numpy_counts = new_cache(kind), new_cache(kind)
+    expected = plain.update(*tokens(2, 0), n_new=[2, 1])
+    got = numpy_counts.update(*tokens(2, 0), n_new=n_new)
+    for x, y in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert numpy_counts.lengths.tolist() == [2, 1]
+
+
+# -- 4. what a cache keeps and hands out is its own, or the caller's -----------------------------
+
+
+def step(cache: KVCache, T: int, seed: int) -> tuple[Any, Any, Any]:
+    """One update (the cross-attention cache stores once, then reuses)."""
+    if isinstance(cache, CrossAttentionCache) and seed:
+        return cache.update(None, None)
+    return cache.update(*tokens(T, seed), n_new=[T, T - 1])
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "cross"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_writing_into_what_a_cache_returned_or_was_given_changes_nothing_in_it(
+    kind: str, T: int
+) -> None:
+    """k_pos, lengths and attention_options are the caller's; so are the arrays it passed in.
+
+    (The k and v returned may be views of the storage, documented as read-only.)
+    """
+    vandalized, twin = new_cache(kind), new_cache(kind)
+    for seed in range(4):
+        k_new, v_new = tokens(T, seed)
+        if isinstance(vandalized, CrossAttentionCache) and seed:
+            got = vandalized.update(None, None)
+        else:
+            got = vandalized.update(k_new, v_new, n_new=[T, T - 1])
+        expected = step(twin, T, seed)
+        for x, y in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(x, y)
+        k_new[...], v_new[...] = 7.0, 7.0  # the caller reuses its buffers
+        got[2][...] = 99  # and writes into what it was handed
+        vandalized.view()[2][...] = 99
+        vandalized.lengths[...] = 99
+        vandalized.attention_options["window"] = 1
+    for x, y in zip(vandalized.view(), twin.view(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert vandalized.lengths.tolist() == twin.lengths.tolist()
+    assert vandalized.attention_options == twin.attention_options
+
+
+def test_a_cross_attention_cache_keeps_copies_of_the_encoder_states() -> None:
+    cache = CrossAttentionCache(**SHAPE)
+    k_new, v_new = tokens(3, 0)
+    cache.update(k_new, v_new, n_new=[3, 2])
+    assert not np.shares_memory(cache.keys, k_new) and not np.shares_memory(cache.values, v_new)
+    k_new[...], v_new[...] = np.nan, np.nan
+    k, v, _ = cache.update(None, None)
+    assert np.isfinite(k).all() and np.isfinite(v).all()
+
+
+# -- 5. a dynamic cache gives its storage back ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [DynamicCache, CrossAttentionCache])
+def test_resetting_a_growing_cache_frees_its_storage_and_it_works_again_from_empty(
+    cls: type[DynamicCache],
+) -> None:
+    cache, fresh = cls(**SHAPE), cls(**SHAPE)
+    cache.update(*tokens(5, 0), n_new=[5, 3])
+    assert cache.nbytes > 0
+    cache.reset()
+    assert cache.nbytes == 0
+    assert cache.keys.shape[2] == cache.values.shape[2] == cache.positions.shape[1] == 0
+    assert cache.lengths.tolist() == [0, 0]
+    got, expected = (c.update(*tokens(2, 1), n_new=[2, 1]) for c in (cache, fresh))
+    for x, y in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_releasing_rows_of_a_dynamic_cache_frees_the_slots_no_row_holds() -> None:
+    cache = DynamicCache(**SHAPE)
+    k0, v0 = tokens(4, 0)
+    cache.update(k0, v0, n_new=[4, 1])  # row 1 holds slot 0 only
+    k1, v1 = tokens(1, 1)
+    cache.update(k1, v1)  # both rows: slot 4
+    cache.release(0)
+    k, v, k_pos = cache.view()
+    assert k.shape[2] == v.shape[2] == 2 and cache.nbytes == 2 * 2 * 1 * 2 * 2 * 8
+    assert k_pos.tolist() == [[-1, -1], [0, 1]]
+    np.testing.assert_array_equal(k[1, :, 0], k0[1, :, 0])
+    np.testing.assert_array_equal(v[1, :, 1], v1[1, :, 0])
+    cache.release([1])
+    assert cache.nbytes == 0
+    k2, v2 = tokens(2, 2)
+    k, v, k_pos = cache.update(k2, v2, n_new=[1, 2])
+    assert k_pos.tolist() == [[0, -1], [0, 1]] and cache.lengths.tolist() == [1, 2]
+    np.testing.assert_array_equal(k, k2)
+
+
+# -- 6. NumPy's integers wherever Python's are taken, never a bool -------------------------------
+
+NUMPY_INTEGERS = [np.int64, np.int32]
+
+#: Each cache kind and its integer arguments (the shared ones come from SHAPE's).
+CACHE_INTEGERS: dict[type[KVCache], dict[str, int]] = {
+    StaticCache: {"max_len": 8},
+    DynamicCache: {},
+    SlidingWindowCache: {"window": 3, "sink_tokens": 1},
+    PagedCache: {"block_size": 2, "num_blocks": 6},
+    QuantizedCache: {"max_len": 8, "bits": 4},
+    CrossAttentionCache: {},
+}
+COMMON_INTEGERS = {"batch": 2, "kv_heads": 1, "head_dim": 2, "value_dim": 3}
+
+
+@pytest.mark.parametrize("integer", NUMPY_INTEGERS)
+@pytest.mark.parametrize("cls", CACHE_INTEGERS, ids=lambda c: c.__name__)
+def test_every_cache_takes_numpy_integers_for_its_integer_arguments(
+    cls: type[KVCache], integer: type
+) -> None:
+    arguments = {**COMMON_INTEGERS, **CACHE_INTEGERS[cls]}
+    plain = cls(dtype=np.float64, **arguments)
+    numpy_ints = cls(dtype=np.float64, **{n: integer(x) for n, x in arguments.items()})
+    for name, x in arguments.items():
+        assert type(getattr(numpy_ints, name)) is int and getattr(numpy_ints, name) == x
+    k, v = np.ones((2, 1, 3, 2)), np.ones((2, 1, 3, 3))
+    for x, y in zip(numpy_ints.update(k, v), plain.update(k, v), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("cls", CACHE_INTEGERS, ids=lambda c: c.__name__)
+def test_every_cache_refuses_a_bool_or_float_for_an_integer_argument_by_name(
+    cls: type[KVCache],
+) -> None:
+    arguments: dict[str, Any] = {**COMMON_INTEGERS, **CACHE_INTEGERS[cls]}
+    for name in arguments:
+        for wrong in (True, 2.0):
+            with pytest.raises(TypeError, match=f"{name} must be an integer"):
+                cls(**{**arguments, name: wrong})
+
+
+@pytest.mark.parametrize("integer", NUMPY_INTEGERS)
+@pytest.mark.parametrize("kind", [*KINDS, "cross"])
+def test_make_cache_takes_numpy_integers(kind: str, integer: type) -> None:
+    own = {"paged": {"block_size": integer(4)}, "sliding": {"window": integer(3)},
+           "quantized": {"bits": integer(6)}}.get(kind, {})  # fmt: skip
+    shape = {"batch": integer(2), "kv_heads": integer(1), "head_dim": integer(2)}
+    cache = make_cache(kind, max_len=integer(8), **shape, **own)
+    assert type(cache.batch) is int
+    cache.update(np.ones((2, 1, 3, 2), np.float32), np.ones((2, 1, 3, 2), np.float32))
+    assert cache.lengths.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("integer", NUMPY_INTEGERS)
+def test_releasing_and_forking_rows_take_numpy_integers(integer: type) -> None:
+    cache = PagedCache(block_size=2, num_blocks=6, **SHAPE)
+    cache.update(*tokens(3, 0))
+    cache.fork(integer(0), integer(1))
+    assert cache.block_table[1] == cache.block_table[0]
+    cache.release(integer(1))
+    assert cache.lengths.tolist() == [3, 0]
+    with pytest.raises(TypeError, match=r"rows must name rows by integers in \[0, 2\)"):
+        cache.release(True)

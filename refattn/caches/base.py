@@ -30,14 +30,23 @@ otherwise); :attr:`KVCache.nbytes` and anything else that needs a cache's
 storage finds it there.
 
 Every update is checked completely before anything is written, so a failed
-update (overflow, wrong shape, dtype, device or array library) raises a clear
-error and leaves the cache exactly as it was.
+update (overflow, wrong shape, dtype, device or array library, a count in
+``n_new`` that is not an integer) raises a clear error and leaves the cache
+exactly as it was.
+
+What a cache keeps and what it hands out are separate: it copies the new
+keys and values into its own storage (a caller may reuse its buffers), and
+the ``k_pos``, ``lengths`` and ``attention_options`` it returns are the
+caller's own, so writing into them changes nothing in the cache. The ``k``
+and ``v`` it returns may be views of its storage (attention then reads no
+copy): read them, do not write into them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from numbers import Integral
 from typing import Any, ClassVar
 
 import array_api_extra as xpx
@@ -82,10 +91,11 @@ class KVCache(ABC):
         device: Any = None,
         xp: Namespace | None = None,
     ) -> None:
-        for name, n in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            _check_count(name, n, minimum=1)
+        batch = _check_count("batch", batch, minimum=1)
+        kv_heads = _check_count("kv_heads", kv_heads, minimum=1)
+        head_dim = _check_count("head_dim", head_dim, minimum=1)
         if value_dim is not None:
-            _check_count("value_dim", value_dim, minimum=1)
+            value_dim = _check_count("value_dim", value_dim, minimum=1)
         if xp is None:
             import array_api_compat.numpy
 
@@ -145,14 +155,18 @@ class KVCache(ABC):
         return sum(_nbytes(self.xp, getattr(self, name)) for name in self.STORAGE)
 
     def reset(self) -> None:
-        """Empty every row."""
+        """Empty every row (what :meth:`release` does to each)."""
         self.release(range(self.batch))
 
     def release(self, rows: int | Iterable[int]) -> None:
-        """Empty the given rows, so the batch slot can serve a new sequence."""
-        chosen = [rows] if isinstance(rows, int) else list(rows)
-        for b in chosen:
-            _check_row("rows", b, self.batch)
+        """Empty the given rows, so the batch slot can serve a new sequence.
+
+        Every row is checked before any is emptied. A kind that preallocates
+        its storage (static, sliding, paged, quantized) keeps it for the next
+        tokens; a kind that grows it (dynamic) frees what no row holds.
+        """
+        chosen = list(rows) if isinstance(rows, Iterable) else [rows]
+        chosen = [_check_row("rows", b, self.batch) for b in chosen]  # all, before any is emptied
         for b in chosen:
             self._release_row(b)
             self._lengths[b] = 0
@@ -235,12 +249,35 @@ def _default_device(xp: Namespace, dtype: Any) -> Any:
 
 
 def _counts(n_new: Array | Sequence[int] | None, batch: int, T: int) -> list[int]:
+    """n_new as ``batch`` Python ints in [0, T]: a sequence of integers (NumPy's too) or an
+    integer array of any library. A float is a TypeError, never truncated."""
     if n_new is None:
         return [T] * batch
-    try:
-        values = [int(n) for n in (n_new.tolist() if hasattr(n_new, "tolist") else n_new)]
-    except (TypeError, ValueError):
-        raise TypeError(f"n_new must be a sequence of {batch} integers; got {n_new!r}") from None
+    if hasattr(n_new, "dtype"):  # an array (or a NumPy scalar, refused below by its shape)
+        counts: Array = n_new
+        if not array_namespace(counts).isdtype(counts.dtype, "integral"):
+            raise TypeError(
+                f"n_new must hold integers (real tokens per row); got an array of dtype "
+                f"{counts.dtype}"
+            )
+        if counts.ndim != 1:
+            raise ValueError(
+                f"n_new must have shape ({batch},) (real tokens per row); got {tuple(counts.shape)}"
+            )
+        given: list[Any] = [int(counts[b]) for b in range(counts.shape[0])]
+    else:
+        try:
+            given = list(n_new)
+        except TypeError:
+            raise TypeError(
+                f"n_new must be a sequence of {batch} integers (real tokens per row); got {n_new!r}"
+            ) from None
+    for b, n in enumerate(given):
+        if isinstance(n, bool) or not isinstance(n, Integral):
+            raise TypeError(
+                f"n_new must hold integers (real tokens per row); got n_new[{b}] = {n!r}"
+            )
+    values = [int(n) for n in given]
     if len(values) != batch or any(not 0 <= n <= T for n in values):
         raise ValueError(
             f"n_new must hold {batch} integers in [0, {T}] (real tokens per row); got {values}"
@@ -248,14 +285,23 @@ def _counts(n_new: Array | Sequence[int] | None, batch: int, T: int) -> list[int
     return values
 
 
-def _check_count(name: str, n: Any, *, minimum: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+def _check_count(name: str, n: Any, *, minimum: int) -> int:
+    """An integer (NumPy's too, never a bool) of at least ``minimum``, returned as a Python
+    int: TypeError for the type, ValueError for the value."""
+    if isinstance(n, bool) or not isinstance(n, Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {n!r}")
+    if int(n) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {n!r}")
+    return int(n)
 
 
-def _check_row(name: str, b: Any, batch: int) -> None:
-    if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < batch:
+def _check_row(name: str, b: Any, batch: int) -> int:
+    """A row index (NumPy's integers too, never a bool) in [0, batch), as a Python int."""
+    if isinstance(b, bool) or not isinstance(b, Integral):
+        raise TypeError(f"{name} must name rows by integers in [0, {batch}); got {b!r}")
+    if not 0 <= int(b) < batch:
         raise ValueError(f"{name} must name rows in [0, {batch}); got {b!r}")
+    return int(b)
 
 
 def _nbytes(xp: Namespace, x: Array) -> int:

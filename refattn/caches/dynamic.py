@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from refattn.caches.base import KVCache
@@ -15,8 +16,10 @@ class DynamicCache(KVCache):
     the whole cache into a new array, :math:`O(\text{length})` per appended
     token and :math:`O(S^2)` over a generation, which the benchmark in
     ``benchmarks/`` shows growing. Right-padding slots of a ragged update stay
-    in place as holes with ``k_pos = -1``; a released row keeps its slots as
-    holes too and starts again at position 0.
+    in place as holes with ``k_pos = -1``. A released row starts again at
+    position 0; its slots become holes, and the slots that then hold a token
+    in no row are freed (all of them by :meth:`reset`), so storage shrinks
+    back when rows end instead of only ever growing.
 
     Examples
     --------
@@ -42,5 +45,32 @@ class DynamicCache(KVCache):
         self.positions = xp.concat([self.positions, new_pos], axis=1)
         self._lengths = [length + m for length, m in zip(self._lengths, n, strict=True)]
 
+    def release(self, rows: int | Iterable[int]) -> None:
+        """Empty the given rows, and free the slots no row holds any more.
+
+        The slots are shared by all rows (slot j is the j-th appended in every
+        row), so a slot is freed once no row holds a token in it: releasing
+        every row, as :meth:`reset` does, leaves no storage at all, and
+        releasing the longest row frees what only it held.
+
+        >>> import numpy as np
+        >>> cache = DynamicCache(batch=2, kv_heads=1, head_dim=2, dtype=np.float64)
+        >>> _ = cache.update(np.ones((2, 1, 3, 2)), np.ones((2, 1, 3, 2)), n_new=[3, 1])
+        >>> cache.release(0); cache.keys.shape, cache.view()[2].tolist()
+        ((2, 1, 1, 2), [[-1], [0]])
+        >>> cache.reset(); cache.nbytes
+        0
+        """
+        super().release(rows)
+        xp = self.xp
+        held = xp.any(self.positions >= 0, axis=0)  # (S,): slots some row still holds
+        if bool(xp.all(held)):
+            return
+        kept = xp.nonzero(held)[0]
+        self.keys = xp.take(self.keys, kept, axis=2)  # (B, Hkv, held slots, D)
+        self.values = xp.take(self.values, kept, axis=2)
+        self.positions = xp.take(self.positions, kept, axis=1)  # (B, held slots)
+
     def view(self) -> tuple[Array, Array, Array]:
-        return self.keys, self.values, self.positions
+        k_pos = self.xp.asarray(self.positions, copy=True)  # the caller's own
+        return self.keys, self.values, k_pos

@@ -58,16 +58,16 @@ def make_cache(kind: str, *, max_len: int, **arguments: Any) -> KVCache:
     unknown = sorted(set(arguments) - set(own) - set(_COMMON))
     if unknown:
         raise TypeError(f"a {kind} cache takes no {', '.join(unknown)}; its own keywords are {own}")
-    _check_count("max_len", max_len, minimum=1)
+    max_len = _check_count("max_len", max_len, minimum=1)
     if kind == "sliding":
         arguments.setdefault("window", max_len)
     if kind == "paged":
         block_size = arguments.setdefault("block_size", PagedCache.DEFAULT_BLOCK_SIZE)
         if "num_blocks" not in arguments:
             # Checked here, before the pool's size is derived from them.
-            _check_count("block_size", block_size, minimum=1)
-            _check_count("batch", arguments.get("batch"), minimum=1)
-            arguments["num_blocks"] = arguments["batch"] * -(-max_len // block_size)
+            block_size = _check_count("block_size", block_size, minimum=1)
+            batch = _check_count("batch", arguments.get("batch"), minimum=1)
+            arguments["num_blocks"] = batch * -(-max_len // block_size)
     if "max_len" in own:
         arguments["max_len"] = max_len
     return cls(**arguments)

@@ -4,6 +4,7 @@ FlashInfer), with prefix sharing by copy-on-write."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any, ClassVar
 
 from refattn.caches.base import KVCache, _check_count, _check_row
@@ -59,9 +60,12 @@ class PagedCache(KVCache):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        _check_count("block_size", block_size, minimum=1)
-        _check_count("num_blocks", num_blocks, minimum=1)
-        order = list(range(num_blocks)) if block_order is None else [int(i) for i in block_order]
+        block_size = _check_count("block_size", block_size, minimum=1)
+        num_blocks = _check_count("num_blocks", num_blocks, minimum=1)
+        order = list(range(num_blocks)) if block_order is None else list(block_order)
+        if any(isinstance(i, bool) or not isinstance(i, Integral) for i in order):
+            raise TypeError(f"block_order must hold integers; got {block_order!r}")
+        order = [int(i) for i in order]
         if sorted(order) != list(range(num_blocks)):
             raise ValueError(
                 f"block_order must be a permutation of range({num_blocks}); got {block_order!r}"
@@ -160,8 +164,7 @@ class PagedCache(KVCache):
         Whatever ``dst`` held is released first. Later writes by either row into
         a shared block copy it first.
         """
-        _check_row("src", src, self.batch)
-        _check_row("dst", dst, self.batch)
+        src, dst = _check_row("src", src, self.batch), _check_row("dst", dst, self.batch)
         if src == dst:
             return
         self.release(dst)

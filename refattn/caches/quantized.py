@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, ClassVar
 
 from refattn.caches.static import StaticCache
@@ -53,10 +54,12 @@ class QuantizedCache(StaticCache):
         bits: int = 8,
         **common: Any,
     ) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        if isinstance(bits, bool) or not isinstance(bits, Integral):
+            raise TypeError(f"bits must be an integer in [2, 8]; got {bits!r}")
+        if not 2 <= bits <= 8:
             raise ValueError(f"bits must be an integer in [2, 8]; got {bits!r}")
-        self.bits = bits
-        self.q_max = 2 ** (bits - 1) - 1
+        self.bits: int = int(bits)
+        self.q_max: int = 2 ** (self.bits - 1) - 1
         super().__init__(max_len=max_len, **common)
 
     def _allocate(self) -> None:
@@ -97,4 +100,4 @@ class QuantizedCache(StaticCache):
         used = max(self._lengths)
         k = self.dequantize(self.key_codes[:, :, :used, :], self.key_scales[:, :, :used, :])
         v = self.dequantize(self.value_codes[:, :, :used, :], self.value_scales[:, :, :used, :])
-        return k, v, self.positions[:, :used]
+        return k, v, self.xp.asarray(self.positions[:, :used], copy=True)  # the caller's own

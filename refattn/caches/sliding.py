@@ -52,8 +52,8 @@ class SlidingWindowCache(KVCache):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        _check_count("window", window, minimum=1)
-        _check_count("sink_tokens", sink_tokens, minimum=0)
+        window = _check_count("window", window, minimum=1)
+        sink_tokens = _check_count("sink_tokens", sink_tokens, minimum=0)
         self.window, self.sink_tokens = window, sink_tokens
         xp, B, H, slots = self.xp, self.batch, self.kv_heads, sink_tokens + window
         self.keys = xp.zeros((B, H, slots, self.head_dim), dtype=self.dtype, device=self.device)
@@ -118,4 +118,5 @@ class SlidingWindowCache(KVCache):
         return [(a, b) for a, b in runs if b > a]
 
     def view(self) -> tuple[Array, Array, Array]:
-        return self.keys, self.values, self.positions
+        k_pos = self.xp.asarray(self.positions, copy=True)  # the caller's own
+        return self.keys, self.values, k_pos

@@ -36,8 +36,7 @@ class StaticCache(KVCache):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        _check_count("max_len", max_len, minimum=1)
-        self.max_len = max_len
+        self.max_len = _check_count("max_len", max_len, minimum=1)
         self._allocate()
         self.positions = self.xp.full(
             (self.batch, max_len), -1, dtype=self.xp.int64, device=self.device
@@ -75,4 +74,5 @@ class StaticCache(KVCache):
 
     def view(self) -> tuple[Array, Array, Array]:
         used = max(self._lengths)
-        return self.keys[:, :, :used, :], self.values[:, :, :used, :], self.positions[:, :used]
+        k_pos = self.xp.asarray(self.positions[:, :used], copy=True)  # the caller's own
+        return self.keys[:, :, :used, :], self.values[:, :, :used, :], k_pos
