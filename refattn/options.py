@@ -58,6 +58,15 @@ class AttentionOptions:
         if self.window is not None:
             check_integer("window", self.window, minimum=1, why=" (the query itself counts)")
         check_integer("sink_tokens", self.sink_tokens, minimum=0)
+        # NumPy's scalars (np.int64(3), np.float32(0.5)) are held as Python's, as declared.
+        for name, kind in (
+            ("scale", float),
+            ("softcap", float),
+            ("window", int),
+            ("sink_tokens", int),
+        ):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind(getattr(self, name)))
 
     @classmethod
     def of(cls, function: str, options: dict[str, Any]) -> AttentionOptions:
@@ -76,7 +85,7 @@ OPTION_NAMES = tuple(f.name for f in fields(AttentionOptions))
 
 
 def check_real(name: str, x: Any, *, positive: bool) -> None:
-    """None, or a finite real number (and > 0 if ``positive``)."""
+    """None, or a finite real number (NumPy's too, not a bool), and > 0 if ``positive``."""
     if x is None:
         return
     kind = "a positive" if positive else "a finite"
@@ -87,8 +96,8 @@ def check_real(name: str, x: Any, *, positive: bool) -> None:
 
 
 def check_integer(name: str, n: Any, *, minimum: int, why: str = "") -> None:
-    """An integer (not a bool) of at least ``minimum``: TypeError for the type, ValueError for
-    the value."""
+    """An integer (NumPy's too, not a bool) of at least ``minimum``: TypeError for the type,
+    ValueError for the value."""
     if isinstance(n, bool) or not isinstance(n, Integral):
         raise TypeError(f"{name} must be an integer >= {minimum}; got {n!r}")
     if int(n) < minimum:

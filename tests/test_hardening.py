@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import refattn
 from refattn import (
     CrossAttentionCache,
     DynamicCache,
@@ -28,6 +29,8 @@ from refattn import (
     attention_split_kv,
 )
 from refattn.caches import KINDS, make_cache
+from refattn.models import GPT, GPTConfig, LayerCaches, Llama, LlamaConfig
+from refattn.models.decoder import Decoder
 
 FORMS: dict[str, Callable[..., Any]] = {
     "attention": attention,
@@ -394,3 +397,140 @@ def test_releasing_and_forking_rows_take_numpy_integers(integer: type) -> None:
     assert cache.lengths.tolist() == [3, 0]
     with pytest.raises(TypeError, match=r"rows must name rows by integers in \[0, 2\)"):
         cache.release(True)
+
+
+@pytest.mark.parametrize("integer", NUMPY_INTEGERS)
+def test_attention_takes_numpy_scalars_for_its_scalar_options(integer: type) -> None:
+    arrays, options, _ = hidden_problem("outside every window")
+    plain = {"window": 2, "sink_tokens": 1, "scale": 0.5, "softcap": 3.0}
+    numpy_scalars = {"window": integer(2), "sink_tokens": integer(1),
+                     "scale": np.float32(0.5), "softcap": np.float64(3.0)}  # fmt: skip
+    options = {**options, "window": None}
+    for fn in FORMS.values():
+        np.testing.assert_array_equal(
+            fn(**arrays, **options | numpy_scalars), fn(**arrays, **options | plain)
+        )
+    out = attention_blockwise(**arrays, **options, block_q=integer(2), block_k=integer(4))
+    np.testing.assert_allclose(out, attention(**arrays, **options), atol=1e-12)
+    out = attention_split_kv(**arrays, **options, num_splits=integer(2))
+    np.testing.assert_allclose(out, attention(**arrays, **options), atol=1e-12)
+    record = refattn.options.AttentionOptions(window=integer(2), sink_tokens=integer(1))
+    assert type(record.window) is int and type(record.sink_tokens) is int
+
+
+def test_attention_refuses_a_bool_where_it_takes_an_integer() -> None:
+    arrays, options, _ = hidden_problem("empty slots")
+    for name in ("window", "sink_tokens"):
+        with pytest.raises(TypeError, match=f"{name} must be an integer"):
+            attention(**arrays, **{**options, name: True})
+    with pytest.raises(TypeError, match="block_k must be an integer"):
+        attention_blockwise(**arrays, block_k=True)
+    with pytest.raises(TypeError, match="num_splits must be an integer"):
+        attention_split_kv(**arrays, num_splits=True)
+
+
+GPT_SHAPE = {"vocab_size": 16, "n_positions": 12, "d_model": 8, "n_layer": 2, "n_head": 2}
+LLAMA_SHAPE = {"vocab_size": 16, "d_model": 8, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+               "intermediate_size": 16, "head_dim": 2, "window": 3}  # fmt: skip
+
+
+def gpt(**shape: Any) -> GPT:
+    return GPT.random(GPTConfig(**{**GPT_SHAPE, **shape}), seed=0)
+
+
+def llama(**shape: Any) -> Llama:
+    return Llama.random(LlamaConfig(**{**LLAMA_SHAPE, **shape}), seed=0)
+
+
+@pytest.mark.parametrize("integer", NUMPY_INTEGERS)
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_models_take_numpy_integers_for_their_integer_arguments(
+    family: str, integer: type
+) -> None:
+    shape = GPT_SHAPE if family == "gpt" else LLAMA_SHAPE
+    make = gpt if family == "gpt" else llama
+    model: Decoder = make(**{n: integer(x) for n, x in shape.items()})
+    plain: Decoder = make()
+    for name in shape:
+        assert type(getattr(model.config, name)) is int  # type: ignore[attr-defined]
+    prompt: np.ndarray = np.array([[1, 2, 3]], dtype=integer)
+    for kind in ("static", "paged", "sliding", "quantized"):
+        own = {"paged": {"block_size": integer(2)}, "sliding": {"window": integer(3)},
+               "quantized": {"bits": integer(8)}}.get(kind, {})  # fmt: skip
+        got = model.generate(prompt, integer(4), cache=kind, top_k=integer(3), temperature=1.0,
+                             seed=integer(0), **own)  # fmt: skip
+        assert got == plain.generate([[1, 2, 3]], 4, cache=kind, top_k=3, temperature=1.0,
+                                     seed=0, **own)  # fmt: skip
+    caches = model.new_caches("static", batch=integer(1), max_len=integer(8))
+    assert isinstance(caches, LayerCaches) and caches[0].max_len == 8  # type: ignore[attr-defined]
+    LayerCaches("dynamic", layers=integer(2), batch=integer(1), kv_heads=integer(1),
+                head_dim=integer(2), max_len=integer(4))  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_models_refuse_a_bool_or_float_where_they_take_an_integer(family: str) -> None:
+    shape = GPT_SHAPE if family == "gpt" else LLAMA_SHAPE
+    make = gpt if family == "gpt" else llama
+    config = "GPTConfig" if family == "gpt" else "LlamaConfig"
+    for name in shape:
+        for wrong in (True, 2.0):
+            with pytest.raises(TypeError, match=f"{config}.{name} must be an integer"):
+                make(**{name: wrong})
+    model: Decoder = make()
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
+        model.generate([[1]], True)
+    with pytest.raises(TypeError, match="top_k must be an integer"):
+        model.generate([[1]], 2, top_k=1.5, temperature=1.0)  # type: ignore[arg-type]
+
+
+# -- 7. token ids and positions inside the model's tables ----------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("bad", [16, 99, -1])
+def test_a_token_id_outside_the_vocabulary_is_refused_by_name(family: str, bad: int) -> None:
+    model: Decoder = gpt() if family == "gpt" else llama()
+    message = rf"ids must be token ids in \[0, 16\) \(vocab_size=16\); got {bad} at ids\[1, 2\]"
+    with pytest.raises(ValueError, match=message):
+        model([[1, 2, 3], [4, 5, bad]])
+    caches = model.new_caches("static", batch=2, max_len=8)
+    with pytest.raises(ValueError, match=message):
+        model([[1, 2, 3], [4, 5, bad]], caches)
+    assert caches.lengths.tolist() == [0, 0]  # refused before anything was cached
+    with pytest.raises(ValueError, match=r"ids must be token ids in \[0, 16\)"):
+        model.generate([[1, 2], [bad]], 3)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_token_ids_that_are_not_integers_are_refused_not_truncated(family: str) -> None:
+    model: Decoder = gpt() if family == "gpt" else llama()
+    with pytest.raises(TypeError, match="ids must hold integer token ids; got dtype float64"):
+        model([[1.5, 2.0]])
+    with pytest.raises(TypeError, match="ids must hold integer token ids; got dtype float64"):
+        model.generate(np.array([[1.0, 2.0]]), 2)
+    with pytest.raises(
+        TypeError, match=r"ids must hold integer token ids; got 2.5 at ids\[0\]\[1\]"
+    ):
+        model.generate([[1, 2.5]], 2)
+    with pytest.raises(
+        ValueError, match=r"ids must be a \(B, T\) array of token ids; got shape \(3,\)"
+    ):
+        model([1, 2, 3])
+
+
+def test_a_sequence_past_the_learned_position_table_is_refused_by_name() -> None:
+    model = gpt()  # n_positions = 12
+    model([list(range(12))])  # positions 0..11: the whole table
+    message = r"GPT's learned position table holds 12 positions \(max_positions=12\); a row of 13"
+    with pytest.raises(ValueError, match=message):
+        model([list(range(13))])
+    caches = model.new_caches("dynamic", batch=1, max_len=16)
+    model([list(range(10))], caches)
+    with pytest.raises(
+        ValueError, match=f"{message} cached and new tokens needs positions 0 to 12"
+    ):
+        model([[1, 2, 3]], caches)
+    assert caches.lengths.tolist() == [10]
+    with pytest.raises(ValueError, match=message):
+        model.generate([[1, 2, 3]], 11)  # would feed positions 0..12
+    assert len(model.generate([[1, 2, 3]], 10)[0]) == 13  # feeds positions 0..11

@@ -19,6 +19,7 @@ O(s).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from refattn.backends import to_numpy
 from refattn.caches import KVCache
 from refattn.models.cache import LayerCaches
 from refattn.namespace import Array, Namespace
+from refattn.options import check_integer
 
 
 class Decoder:
@@ -39,7 +41,11 @@ class Decoder:
     n_layer: int
     kv_heads: int
     head_dim: int
+    vocab_size: int
     window: int | None = None
+    #: Rows of a learned position table (GPT-2's ``n_positions``): positions must stay below
+    #: it. None for a model whose positions have no end (RoPE computed at each position).
+    max_positions: int | None = None
 
     # -- what a model supplies ---------------------------------------------
 
@@ -64,15 +70,22 @@ class Decoder:
 
         ``n_new[b]`` says how many of row b's T tokens are real (default all);
         the rest are right padding, never seen as keys and never cached.
+
+        Token ids must be integers in ``[0, vocab_size)`` and, for a model with
+        a learned position table, every position (after what is cached) below
+        its length; either is a ValueError naming what was given, never a
+        wrapped-around or out-of-range row of a table.
         """
         xp = self.xp
-        ids = xp.asarray(ids, dtype=xp.int64, device=self.device)
+        ids = self._token_ids(ids)  # (B, T) int64
         B, T = ids.shape
         steps = xp.arange(T, dtype=xp.int64, device=self.device)[None, :]  # (1, T)
         if cache is not None:
             positions = cache.lengths[:, None] + steps  # (B, T): after what is cached
             k_pos = None
+            self._check_positions(int(xp.max(cache.lengths)) + T, cached=True)
         else:
+            self._check_positions(T, cached=False)
             positions = xp.broadcast_to(steps, (B, T))
             k_pos = positions
             if n_new is not None:
@@ -87,6 +100,36 @@ class Decoder:
 
             x = self.block(i, x, positions, attend)
         return self.head(x)
+
+    def _token_ids(self, ids: Any) -> Array:
+        """``ids`` as a checked (B, T) int64 array: integers in [0, vocab_size)."""
+        xp = self.xp
+        given = xp.asarray(ids, device=self.device)
+        if given.ndim != 2:
+            raise ValueError(
+                f"ids must be a (B, T) array of token ids; got shape {tuple(given.shape)}"
+            )
+        if 0 not in given.shape and not xp.isdtype(given.dtype, "integral"):
+            raise TypeError(f"ids must hold integer token ids; got dtype {given.dtype}")
+        ids = xp.astype(given, xp.int64)
+        outside = (ids < 0) | (ids >= self.vocab_size)  # (B, T)
+        if bool(xp.any(outside)):
+            b, t = (int(i[0]) for i in xp.nonzero(outside))
+            raise ValueError(
+                f"ids must be token ids in [0, {self.vocab_size}) (vocab_size="
+                f"{self.vocab_size}); got {int(ids[b, t])} at ids[{b}, {t}]"
+            )
+        return ids
+
+    def _check_positions(self, length: int, *, cached: bool) -> None:
+        """A row may reach ``length`` tokens: refuse it past the learned position table."""
+        if self.max_positions is not None and length > self.max_positions:
+            held = "cached and new tokens" if cached else "tokens"
+            raise ValueError(
+                f"{type(self).__name__}'s learned position table holds {self.max_positions} "
+                f"positions (max_positions={self.max_positions}); a row of {length} {held} "
+                f"needs positions 0 to {length - 1}"
+            )
 
     def attend(self, q: Array, k: Array, v: Array, positions: Array, layer: KVCache | None,
                k_pos: Array | None, n_new: Sequence[int] | None) -> Array:  # fmt: skip
@@ -141,11 +184,14 @@ class Decoder:
         list of B token lists (prompt, then the new tokens), and with
         ``return_logits`` the list of per-step logits as float64 NumPy.
         """
-        prompts = [[int(t) for t in row] for row in _rows(ids)]
+        prompts = [_token_list(row, b) for b, row in enumerate(_rows(ids))]
         if not prompts or min(len(p) for p in prompts) < 1:
             raise ValueError("ids must hold at least one prompt, each of at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        check_integer("max_new_tokens", max_new_tokens, minimum=0)
+        if top_k is not None:
+            check_integer("top_k", top_k, minimum=1)
+        # The last token chosen is never fed back: the longest row fed is one shorter.
+        self._check_positions(max(len(p) for p in prompts) + max_new_tokens - 1, cached=False)
         rng = np.random.default_rng(seed)
         tokens = [p[:] for p in prompts]
         chosen_from: list[np.ndarray] = []
@@ -180,15 +226,24 @@ class Decoder:
 
 
 def _rows(ids: Any) -> list[Any]:
+    """The prompts: a (B, T) array's rows as lists (its dtype integral), or ``ids`` as given."""
     if hasattr(ids, "shape") and len(ids.shape) == 2:
-        return [_host_ints(ids[b]) for b in range(ids.shape[0])]
+        from array_api_compat import array_namespace
+
+        if not array_namespace(ids).isdtype(ids.dtype, "integral"):
+            raise TypeError(f"ids must hold integer token ids; got dtype {ids.dtype}")
+        B, T = ids.shape
+        return [[int(ids[b, t]) for t in range(T)] for b in range(B)]
     return list(ids)
 
 
-def _host_ints(x: Any) -> list[int]:
-    if hasattr(x, "tolist"):
-        return [int(t) for t in x.tolist()]
-    return [int(t) for t in x]
+def _token_list(row: Any, b: int) -> list[int]:
+    """One prompt as Python ints; a float or bool token is refused, never truncated."""
+    tokens = list(row)
+    for t, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, Integral):
+            raise TypeError(f"ids must hold integer token ids; got {token!r} at ids[{b}][{t}]")
+    return [int(token) for token in tokens]
 
 
 def _padded(rows: list[list[int]]) -> list[list[int]]:

@@ -22,6 +22,7 @@ import numpy as np
 from refattn.models.decoder import Decoder
 from refattn.models.layers import conv1d, gelu_tanh, layer_norm, merge_heads, split_heads
 from refattn.namespace import Array
+from refattn.options import check_integer
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "d_model", "n_layer", "n_head"):
+            check_integer(f"GPTConfig.{name}", getattr(self, name), minimum=1)
+            object.__setattr__(self, name, int(getattr(self, name)))  # NumPy's ints as Python's
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GPTConfig.d_model must be a multiple of n_head={self.n_head}; got {self.d_model}"
+            )
 
 
 class GPT(Decoder):
@@ -55,6 +65,7 @@ class GPT(Decoder):
         self.xp = xp or array_api_compat.array_namespace(params["wte.weight"])
         self.n_layer, self.kv_heads = config.n_layer, config.n_head
         self.head_dim = config.d_model // config.n_head
+        self.vocab_size, self.max_positions = config.vocab_size, config.n_positions
 
     @classmethod
     def random(cls, config: GPTConfig, *, seed: int = 0, dtype: Any = np.float32) -> GPT:

@@ -26,6 +26,7 @@ from refattn.encodings import rope
 from refattn.models.decoder import Decoder
 from refattn.models.layers import linear, merge_heads, rms_norm, silu, split_heads
 from refattn.namespace import Array
+from refattn.options import check_integer
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,18 @@ class LlamaConfig:
     eps: float = 1e-6
     window: int | None = None  #: Mistral's sliding window
     tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        names = ["vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "intermediate_size"]
+        names += [name for name in ("head_dim", "window") if getattr(self, name) is not None]
+        for name in names:
+            check_integer(f"LlamaConfig.{name}", getattr(self, name), minimum=1)
+            object.__setattr__(self, name, int(getattr(self, name)))  # NumPy's ints as Python's
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"LlamaConfig.n_head must be a multiple of n_kv_head={self.n_kv_head}; "
+                f"got {self.n_head}"
+            )
 
     @property
     def dim(self) -> int:
@@ -68,7 +81,7 @@ class Llama(Decoder):
         self.config, self.params = config, params
         self.xp = xp or array_api_compat.array_namespace(params["embed_tokens.weight"])
         self.n_layer, self.kv_heads, self.head_dim = config.n_layer, config.n_kv_head, config.dim
-        self.window = config.window
+        self.vocab_size, self.window = config.vocab_size, config.window
 
     @classmethod
     def random(cls, config: LlamaConfig, *, seed: int = 0, dtype: Any = np.float32) -> Llama:
