@@ -7,6 +7,8 @@ Each test states one property the library holds and would fail if it did not.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -534,3 +536,17 @@ def test_a_sequence_past_the_learned_position_table_is_refused_by_name() -> None
     with pytest.raises(ValueError, match=message):
         model.generate([[1, 2, 3]], 11)  # would feed positions 0..12
     assert len(model.generate([[1, 2, 3]], 10)[0]) == 13  # feeds positions 0..11
+
+
+# -- 8. python -m refattn -------------------------------------------------------------------------
+
+
+def test_python_dash_m_refattn_runs_the_command_line() -> None:
+    version = subprocess.run([sys.executable, "-m", "refattn", "--version"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"refattn {refattn.__version__}"
+    helped = subprocess.run([sys.executable, "-m", "refattn", "verify", "--help"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: refattn verify")
