@@ -48,7 +48,7 @@ SDPA_FEATURES = DEFAULT_FEATURES - {"softcap", "lse"}
 FLASH_ADAPTERS = pytest.mark.parametrize(
     ("adapter", "features", "share"),
     [
-        (adapters.flash_attn_func, DEFAULT_FEATURES - {"positions", "empty_slots"}, 0.5),
+        (adapters.flash_attn_func, DEFAULT_FEATURES - {"positions", "empty_slots", "ragged"}, 0.5),
         (adapters.flash_attn_with_kvcache, DEFAULT_FEATURES, 0.1),
     ],
     ids=["flash_attn_func", "flash_attn_with_kvcache"],

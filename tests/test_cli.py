@@ -90,6 +90,9 @@ def test_verify_candidate_fails_a_wrong_kernel_and_prints_its_reproducer(
     assert printed.rstrip().endswith("causal_excludes_diagonal: FAILED")
 
 
-def test_verify_candidate_that_does_not_exist_is_named() -> None:
-    with pytest.raises(AttributeError, match="no_such_kernel"):
+def test_verify_candidate_that_does_not_exist_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
         main(["verify", "--candidate", "refattn.testing.known_bugs.attention:no_such_kernel"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "AttributeError" in error and "'no_such_kernel'" in error, error

@@ -141,7 +141,7 @@ def resolve_features(
     >>> resolve_features({"mask"})
     Traceback (most recent call last):
     ...
-    ValueError: features must be drawn from ('causal', 'gqa', 'positions', 'empty_slots', 'window', 'softcap', 'alibi', 'lse', 'long', 'large_logits', 'unseen_nan'); got unknown ['mask'] (the spec takes it, but a candidate cannot yet be handed it)
+    ValueError: features must be drawn from ('causal', 'gqa', 'positions', 'empty_slots', 'ragged', 'window', 'softcap', 'alibi', 'lse', 'long', 'tiles', 'large_logits', 'unseen_nan'); got unknown ['mask'] (the spec takes it, but a candidate cannot yet be handed it)
     """  # noqa: E501
     if features is None:
         return DEFAULT_FEATURES
@@ -192,7 +192,7 @@ def corners_of(spec: ProblemSpec) -> frozenset[str]:
     """The shape corners a problem sits on: where a failure class's draws agree on shape.
 
     >>> sorted(corners_of(ProblemSpec(q_len=1, k_len=65)))
-    ['Sk past a multiple of 16', 'Sk past a multiple of 64', 'one query']
+    ['Sk past a multiple of 16', 'Sk past a multiple of 64', 'one KV head', 'one query']
     """
     tags = {
         "one query": spec.q_len == 1,
