@@ -33,6 +33,7 @@ from refattn import (
 from refattn.caches import KINDS, make_cache
 from refattn.models import GPT, GPTConfig, LayerCaches, Llama, LlamaConfig
 from refattn.models.decoder import Decoder
+from tests.test_caches import assert_same_state
 
 FORMS: dict[str, Callable[..., Any]] = {
     "attention": attention,
@@ -202,15 +203,6 @@ def tokens(T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def state(cache: KVCache) -> dict[str, Any]:
     """Everything a cache holds (arrays and bookkeeping), copied."""
     return {name: copy.deepcopy(x) for name, x in vars(cache).items() if name != "xp"}
-
-
-def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before.keys() == after.keys()
-    for name, x in before.items():
-        if isinstance(x, np.ndarray):
-            np.testing.assert_array_equal(after[name], x, err_msg=name)
-        else:
-            assert after[name] == x, name
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "cross"])

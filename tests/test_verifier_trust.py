@@ -233,11 +233,20 @@ def test_an_invalid_cache_spec_names_its_field() -> None:
 
 
 @pytest.mark.parametrize("check", [check_attention, check_cache])
-@pytest.mark.parametrize(("examples", "error"), [(0, ValueError), (-4, ValueError),
-                                                 (2.5, TypeError), (True, TypeError)])  # fmt: skip
-def test_no_examples_is_refused_rather_than_passed(check: Any, examples: Any, error: type) -> None:
+@pytest.mark.parametrize(
+    ("examples", "error", "message"),
+    [
+        (0, ValueError, r"max_examples must be >= 1 \(0 would check nothing\); got 0"),
+        (-4, ValueError, r"max_examples must be >= 1 \(0 would check nothing\); got -4"),
+        (2.5, TypeError, r"max_examples must be an integer >= 1; got 2.5"),
+        (True, TypeError, r"max_examples must be an integer >= 1; got True"),
+    ],
+)
+def test_no_examples_is_refused_rather_than_passed(
+    check: Any, examples: Any, error: type, message: str
+) -> None:
     candidate = textbook if check is check_attention else refattn.StaticCache
-    with pytest.raises(error, match="max_examples must be a positive integer"):
+    with pytest.raises(error, match=message):
         check(candidate, max_examples=examples)
 
 

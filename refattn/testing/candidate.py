@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends import Case, get
+from refattn.options import check_integer
 from refattn.testing.precision import SPEC, Precision
 from refattn.testing.problems import ProblemSpec
 from refattn.testing.report import Outcome, Report
@@ -178,11 +179,8 @@ def precision_of(candidate: Any, precision: Precision | None) -> Precision:
 
 
 def check_budget(name: str, n: Any) -> int:
-    """A number of problems to try: a positive integer, since zero would check nothing."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer):
-        raise TypeError(f"{name} must be a positive integer; got {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be a positive integer (0 would check nothing); got {n}")
+    """A number of problems to try, as an int: at least 1, since zero would check nothing."""
+    check_integer(name, n, minimum=1, why=" (0 would check nothing)")
     return int(n)
 
 

@@ -50,7 +50,8 @@ from refattn.namespace import compute_dtype_name
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
 from refattn.scores import group_heads
 
-#: The concrete dtypes a stage may round to, widest first.
+#: Every dtype refattn computes in, widest first: the concrete dtypes a stage may round to,
+#: and the names ``refattn verify --dtypes`` accepts.
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: What each field of a :class:`Precision` accepts: the spec's compute dtype, the
 #: input dtype under test, or a dtype by name.

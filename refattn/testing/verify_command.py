@@ -24,6 +24,7 @@ from rich.table import Table
 from refattn.backends import BACKENDS, get, selected
 from refattn.cli import comma_separated
 from refattn.console import make_console, progress_bar, write_json
+from refattn.testing.precision import DTYPES
 from refattn.testing.report import Report
 
 HELP = "run the spec on every available backend and dtype against the loop oracle"
@@ -70,10 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features", help="with --candidate: comma-separated features to draw (default: all)"
     )
-
-
-#: Every dtype name refattn knows; which of them a backend has is the backend's to say.
-DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def _count(*, least: int) -> Callable[[str], int]:
@@ -211,8 +208,7 @@ def _backends_and_dtypes(
         if not names or unknown:
             given = f"unknown {unknown}" if unknown else f"none ({getattr(args, option[2:])!r})"
             parser.error(f"argument {option}: must name some of {', '.join(known)}; got {given}")
-    chosen = [b for b in selected(backends or (["numpy"] if args.candidate else None))]
-    for backend in chosen:
+    for backend in selected(backends or (["numpy"] if args.candidate else None)):
         reason = backend.unavailable_reason()
         if reason:
             if backends is not None:  # asked for by name: it must run
