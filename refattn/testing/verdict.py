@@ -153,10 +153,14 @@ def _one_pass(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str) -> An
 
 
 def _keys_reversed(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str) -> Any:
-    """The same problem with the key slots in reverse order (positions travel with them)."""
+    """The same problem with the key slots in reverse order (positions, and the columns of a
+    mask or bias, travel with them)."""
     if "k_pos" not in arrays:
         return arrays, attention, {}
     flipped = {name: arrays[name][..., ::-1, :].copy() for name in ("k", "v")}
+    for name in ("mask", "bias"):  # (..., Sq, Sk), or 1 along the keys when shared by them
+        if name in arrays and arrays[name].shape[-1] != 1:
+            flipped[name] = arrays[name][..., ::-1].copy()
     return {**arrays, **flipped, "k_pos": arrays["k_pos"][:, ::-1].copy()}, attention, {}
 
 
