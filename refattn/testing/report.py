@@ -21,6 +21,10 @@ class Outcome:
     run here at all); ``message`` says what went wrong when the candidate
     crashed or returned something unusable, and ``raised`` names the
     exception type when it crashed. Without an lse, ``lse_error`` is 0.
+    ``finding`` names a failure that is neither a wrong value nor a crash (a
+    cache that returns the caller's own arrays, an in-op cache whose present
+    K/V differ from what it was given): it is the failure's symptom, and
+    ``message`` says more.
     """
 
     spec: ProblemSpec | CacheSpec
@@ -35,10 +39,13 @@ class Outcome:
     unsupported: str = ""
     raised: str = ""
     unavailable: bool = False
+    finding: str = ""
 
     @property
     def symptom(self) -> str:
         """How it failed, in a word or two: what a class of failures has in common."""
+        if self.finding:
+            return self.finding
         if self.raised:
             return f"raised {self.raised}"
         if self.message:
@@ -54,6 +61,7 @@ class Outcome:
         return (
             not self.unsupported
             and not self.message
+            and not self.finding
             and self.error <= self.allowed
             and self.lse_error <= self.lse_allowed
         )
@@ -69,8 +77,8 @@ class Outcome:
         where = f"{self.dtype} on {self.backend} ({self.device})"
         if self.unsupported:
             return f"unsupported {where}: {self.unsupported}"
-        if self.message:
-            return f"FAIL {where}: {self.message}"
+        if self.message or self.finding:
+            return f"FAIL {where}: {self.message or self.finding}"
         verdict = "pass" if self.passed else "FAIL"
         if math.isinf(self.error) or math.isinf(self.lse_error):
             verdict += " (a NaN or infinity where the oracle has a finite value, or the reverse)"
