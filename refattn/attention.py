@@ -33,7 +33,8 @@ def attention(q: Array, k: Array, v: Array, **options: Any) -> Array | tuple[Arr
             \qquad \text{ALiBi slope } m_h \\
         V_i &= \{ j : k^{pos}_j \ge 0,\ \text{mask}_{ij},\
             \text{causal} \Rightarrow k^{pos}_j \le q^{pos}_i,\
-            q^{pos}_i - k^{pos}_j < W \vee k^{pos}_j < n_{sink} \} \\
+            q^{pos}_i - k^{pos}_j < W \vee k^{pos}_j < n_{sink},\
+            k^{pos}_j - q^{pos}_i \le R \} \\
         Z_i &= \textstyle\sum_{j \in V_i} e^{s_{ij}} + e^{\sigma_h}
             \qquad \text{sink logit } \sigma_h \text{, if given} \\
         o_i &= \textstyle\sum_{j \in V_i} (e^{s_{ij}} / Z_i)\, v_j,
@@ -64,6 +65,12 @@ def attention(q: Array, k: Array, v: Array, **options: Any) -> Array | tuple[Arr
     window : int >= 1, optional
         Keep only keys with ``q_pos - k_pos < window``: the last ``window``
         positions, the query's own included (flash-attn's ``window_size=(window-1, 0)``).
+    window_right : int >= 0, optional
+        Keep only keys with ``k_pos - q_pos <= window_right``: the reach of the
+        window forward, past the query (flash-attn's ``window_size=(..., window_right)``).
+        With ``window`` it makes a two-sided window, ``q_pos - window < k_pos <=
+        q_pos + window_right``; alone it bounds only the right. ``causal`` is a
+        right reach of 0.
     sink_tokens : int >= 0
         With a window, keys at positions below ``sink_tokens`` stay visible
         however old (attention sinks, StreamingLLM; what a
@@ -134,6 +141,7 @@ class Call:
     scale: float
     causal: bool
     window: int | None
+    window_right: int | None
     sink_tokens: int
     softcap: float | None
     return_lse: bool
@@ -187,6 +195,7 @@ def prepare(q: Array, k: Array, v: Array, options: AttentionOptions) -> Call:
         scale=1.0 / math.sqrt(D) if o.scale is None else float(o.scale),
         causal=o.causal,
         window=o.window,
+        window_right=o.window_right,
         sink_tokens=o.sink_tokens,
         softcap=o.softcap,
         return_lse=o.return_lse,
@@ -267,7 +276,13 @@ def block_visibility(call: Call, queries: slice, keys: slice) -> Array:
     xp = call.xp
     q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
     visible = visibility(
-        xp, q_pos, k_pos, causal=call.causal, window=call.window, sink_tokens=call.sink_tokens
+        xp,
+        q_pos,
+        k_pos,
+        causal=call.causal,
+        window=call.window,
+        sink_tokens=call.sink_tokens,
+        window_right=call.window_right,
     )
     visible = visible[:, None, None, :, :]  # (B, 1, 1, bq, bk)
     if call.mask is not None:

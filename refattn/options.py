@@ -42,6 +42,7 @@ class AttentionOptions:
     bias: Array | None = None  #: floating, broadcastable to (B, Hq, Sq, Sk), added to scores
     scale: float | None = None  #: default 1 / sqrt(D)
     window: int | None = None  #: keep keys with q_pos - k_pos < window
+    window_right: int | None = None  #: keep keys with k_pos - q_pos <= window_right
     sink_tokens: int = 0  #: with a window, positions below this stay visible
     softcap: float | None = None  #: scores become softcap * tanh(scores / softcap)
     alibi_slopes: Array | None = None  #: (Hq,) or (B, Hq)
@@ -57,12 +58,15 @@ class AttentionOptions:
         check_real("softcap", self.softcap, positive=True)
         if self.window is not None:
             check_integer("window", self.window, minimum=1, why=" (the query itself counts)")
+        if self.window_right is not None:
+            check_integer("window_right", self.window_right, minimum=0)
         check_integer("sink_tokens", self.sink_tokens, minimum=0)
         # NumPy's scalars (np.int64(3), np.float32(0.5)) are held as Python's, as declared.
         for name, kind in (
             ("scale", float),
             ("softcap", float),
             ("window", int),
+            ("window_right", int),
             ("sink_tokens", int),
         ):
             if getattr(self, name) is not None:

@@ -10,10 +10,17 @@ alone:
     \\text{visible}(i, j) = [k_j \\ge 0]
         \\wedge [\\text{causal} \\Rightarrow k_j \\le q_i]
         \\wedge [W \\ne \\text{None} \\Rightarrow q_i - k_j < W \\vee k_j < n_{sink}]
+        \\wedge [R \\ne \\text{None} \\Rightarrow k_j - q_i \\le R]
         \\wedge \\text{mask}_{ij}
 
 With ``sink_tokens`` (StreamingLLM's attention sinks) the first positions stay
-visible through any window.
+visible through any window. The window ``W`` reaches back from the query (its
+left reach is ``W - 1``: flash-attn's ``window_size=(W - 1, ...)``);
+``window_right`` :math:`R` reaches forward, keys up to :math:`R` positions
+after the query staying visible (flash-attn's ``window_size=(..., R)``). Both
+together are a two-sided window: :math:`q_i - W < k_j \\le q_i + R`, a band of
+:math:`W + R` positions, as bidirectional sliding-window encoders use. Sink
+tokens pass the left reach only: a key after the query is no attention sink.
 
 The defaults put the queries at the end of the keys (bottom-right alignment,
 the KV-cache convention of flash-attn and FlashInfer): ``k_pos = arange(Sk)``
@@ -57,6 +64,7 @@ def visibility(
     causal: bool,
     window: int | None,
     sink_tokens: int = 0,
+    window_right: int | None = None,
 ) -> Array:
     """Which key each query may see, from positions alone.
 
@@ -67,6 +75,7 @@ def visibility(
     causal : keys at later positions than the query are invisible
     window : if set, only keys with ``q_pos - k_pos < window`` are visible
     sink_tokens : with a window, keys at positions below this stay visible (attention sinks)
+    window_right : if set, only keys with ``k_pos - q_pos <= window_right`` are visible
 
     Returns
     -------
@@ -78,6 +87,13 @@ def visibility(
     >>> visibility(xp, q_pos, k_pos, causal=True, window=2).astype(int)
     array([[[0, 1, 1, 0],
             [0, 0, 1, 0]]])
+
+    A two-sided window: one key back, one forward.
+
+    >>> visibility(xp, np.array([[1, 2]]), np.array([[0, 1, 2, 3]]), causal=False,
+    ...            window=2, window_right=1).astype(int)
+    array([[[1, 1, 1, 0],
+            [0, 1, 1, 1]]])
     """
     q = q_pos[:, :, None]  # (B, Sq, 1)
     k = k_pos[:, None, :]  # (B, 1, Sk)
@@ -89,5 +105,7 @@ def visibility(
         if sink_tokens:
             in_window = in_window | (k < sink_tokens)  # the first tokens stay in view
         visible = visible & in_window  # (B, Sq, Sk)
+    if window_right is not None:
+        visible = visible & (k - q <= window_right)  # (B, Sq, Sk)
     n_batch = max(q_pos.shape[0], k_pos.shape[0])
     return xp.broadcast_to(visible, (n_batch, q_pos.shape[1], k_pos.shape[1]))

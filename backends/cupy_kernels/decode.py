@@ -38,7 +38,8 @@ float16 caches are read as float16 and computed in float32 (refattn's
 compute dtype); float32 and float64 in their own dtype. CuPy has no
 bfloat16. Supported: causal, positions (``q_pos``, ``k_pos``, negative for an
 empty slot), ``window`` with ``sink_tokens``, ``softcap``, ``alibi_slopes``,
-``scale`` and ``return_lse``; ``mask``, ``bias`` and ``sink_logits`` are not.
+``scale`` and ``return_lse``; ``mask``, ``bias``, ``sink_logits`` and a
+window's right reach (``window_right``) are not.
 ``tests/test_cupy_decode.py`` proves it against the spec with
 :func:`refattn.testing.check_attention`, on a GPU.
 """
@@ -217,9 +218,9 @@ def decode_attention(q: Any, k: Any, v: Any, *, num_splits: int | None = None,
 
     The options are :func:`refattn.attention`'s (the one record,
     :class:`refattn.options.AttentionOptions`, checked by the same checks), for
-    the subset listed in the module docstring: ``mask``, ``bias`` and
-    ``sink_logits`` are refused. ``num_splits`` picks how many key ranges are
-    computed in parallel and merged (default: :func:`choose_splits`). k and v
+    the subset listed in the module docstring: ``mask``, ``bias``,
+    ``sink_logits`` and ``window_right`` are refused. ``num_splits`` picks how
+    many key ranges are computed in parallel and merged (default: :func:`choose_splits`). k and v
     are read in place: any strides, as long as the head dimension is
     contiguous, so a view of a cache's buffer costs no copy.
 
@@ -275,7 +276,7 @@ def decode_attention(q: Any, k: Any, v: Any, *, num_splits: int | None = None,
 
 
 #: The options of :func:`refattn.attention` the fused kernel does not compute.
-NOT_FUSED = ("mask", "bias", "sink_logits")
+NOT_FUSED = ("mask", "bias", "sink_logits", "window_right")
 
 
 def _check_kernel_inputs(

@@ -19,7 +19,7 @@ The contract, in the order it is applied to a visible pair (query ``i``, key
 3. ALiBi: ``s -= slope[b, h] * |q_pos[b, i] - k_pos[b, j]|``;
 4. additive bias: ``s += bias[b, h, i, j]``;
 5. invisible keys (mask False, causal, window unless ``k_pos < sink_tokens``,
-   ``k_pos < 0``) are dropped;
+   more than ``window_right`` positions after the query, ``k_pos < 0``) are dropped;
 6. a per-head sink logit joins the softmax denominator but carries no value.
 
 Then ``Z = sum_j exp(s_j) (+ exp(sink_h))``, ``out = sum_j exp(s_j) / Z * v_j``
@@ -123,6 +123,7 @@ def oracle_attention(
     alibi_slopes: Any = None,
     sink_logits: Any = None,
     return_weights: bool = False,
+    window_right: int | None = None,
 ) -> Any:
     """Attention computed one query and one key at a time, in float64.
 
@@ -154,6 +155,9 @@ def oracle_attention(
     sink_tokens : int, optional
         With a window, keys at positions below ``sink_tokens`` stay visible
         however far back they are (attention sinks, StreamingLLM).
+    window_right : int, optional
+        If given, a key is visible only when ``k_pos[j] - q_pos[i] <= window_right``
+        (the reach forward; with ``window``, a two-sided window).
     softcap : float, optional
         If given, scores become ``softcap * tanh(score / softcap)``.
     alibi_slopes : array_like, optional
@@ -191,7 +195,7 @@ def oracle_attention(
     call = _read_call(
         q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, scale=scale,
         window=window, sink_tokens=sink_tokens, softcap=softcap, alibi_slopes=alibi_slopes,
-        sink_logits=sink_logits,
+        sink_logits=sink_logits, window_right=window_right,
     )  # fmt: skip
     n_batch, n_qheads, n_queries, _ = call.q.shape
     n_keys, d_v = call.v.shape[2], call.v.shape[3]
@@ -228,6 +232,7 @@ class _Call:
     scale: float
     causal: bool
     window: int | None
+    window_right: int | None
     sink_tokens: int
     softcap: float | None
     group: int  # query heads per KV head
@@ -235,7 +240,8 @@ class _Call:
 
 def _read_call(q: Any, k: Any, v: Any, *, causal: bool, q_pos: Any, k_pos: Any, mask: Any,
                bias: Any, scale: float | None, window: int | None, sink_tokens: int,
-               softcap: float | None, alibi_slopes: Any, sink_logits: Any) -> _Call:  # fmt: skip
+               softcap: float | None, alibi_slopes: Any, sink_logits: Any,
+               window_right: int | None) -> _Call:  # fmt: skip
     """Check the shapes, convert to float64 and Python ints, broadcast the optional arrays."""
     qf, kf, vf = _to_float64(q, "q"), _to_float64(k, "k"), _to_float64(v, "v")
     if qf.ndim != 4 or kf.ndim != 4 or vf.ndim != 4:
@@ -269,6 +275,7 @@ def _read_call(q: Any, k: Any, v: Any, *, causal: bool, q_pos: Any, k_pos: Any, 
         scale=1.0 / math.sqrt(d_qk) if scale is None else float(scale),
         causal=causal,
         window=None if window is None else int(window),
+        window_right=None if window_right is None else int(window_right),
         sink_tokens=sink_tokens,
         softcap=None if softcap is None else float(softcap),
         group=n_qheads // n_kvheads,
@@ -288,6 +295,8 @@ def _visible_scores(call: _Call, b: int, h: int, i: int) -> tuple[list[int], lis
             continue
         outside_window = call.window is not None and not (qpos - kpos < call.window)
         if outside_window and not kpos < call.sink_tokens:
+            continue
+        if call.window_right is not None and kpos - qpos > call.window_right:
             continue
         if call.mask is not None and not call.mask[b, h, i, j]:
             continue

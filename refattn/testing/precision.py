@@ -225,7 +225,8 @@ def evaluate(
         (B, Sq), ``k_pos`` (B, Sk), ``mask``, ``bias``, ``alibi_slopes``,
         ``sink_logits``, with the meaning they have in :func:`refattn.attention`
     scalars : dict
-        Any of ``causal``, ``window``, ``sink_tokens``, ``softcap``, ``scale``
+        Any of ``causal``, ``window``, ``window_right``, ``sink_tokens``, ``softcap``,
+        ``scale``
     dtype : the input dtype: float64, float32, float16 or bfloat16
     precision : the contract (default: the spec's own)
     fused : each score step computed in working precision and rounded once, as a fused
@@ -460,6 +461,7 @@ def _visible(
         causal=bool(scalars.get("causal", False)),
         window=scalars.get("window"),
         sink_tokens=scalars.get("sink_tokens") or 0,
+        window_right=scalars.get("window_right"),
     )[:, None, None, :, :]  # (B, 1, 1, Sq, Sk)
     if arrays.get("mask") is not None:
         visible = visible & group_heads(xp_numpy, np.asarray(arrays["mask"], dtype=bool), Hkv)
