@@ -13,7 +13,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from refattn.backends import Case
-from refattn.testing.drawing import ALL_FEATURES
+from refattn.testing.drawing import ALL_FEATURES, MASK_FEATURES
 from refattn.testing.oracle import oracle_attention
 from refattn.testing.problems import ProblemSpec, build_problem
 from refattn.testing.selfcheck.agreement import measure_decode
@@ -26,7 +26,7 @@ from refattn.testing.verdict import run_spec
 def sequences(draw: st.DrawFn, max_len: int = 20) -> ProblemSpec:
     """A causal self-attention problem over one sequence, optionally left padded per row."""
     # No mask or bias: they are shaped for one pass, and a decode step has neither.
-    spec = draw(attention_specs(ALL_FEATURES - {"long", "mask", "bias"}, max_len=max_len))
+    spec = draw(attention_specs(ALL_FEATURES - {"long", *MASK_FEATURES, "bias"}, max_len=max_len))
     n = draw(st.integers(1, max_len))
     layout = draw(st.sampled_from(("bottom_right", "left_padded")))
     fields = {"q_len": n, "k_len": n, "causal": True, "layout": layout}

@@ -218,9 +218,9 @@ def test_unknown_features_and_strings_are_rejected() -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         check_attention(textbook, backend="array_api_strict", dtypes=("float16",))
     with pytest.raises(
-        ValueError, match=r"unknown \['mask'\] \(the spec takes it, but a candidate"
+        ValueError, match=r"unknown \['seen_nan'\] \(the spec takes it, but a candidate"
     ):
-        check_attention(textbook, features={"causal", "mask"})
+        check_attention(textbook, features={"causal", "seen_nan"})
 
 
 @pytest.mark.parametrize("check", [check_attention, check_cache])

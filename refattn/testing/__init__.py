@@ -30,7 +30,8 @@ differently), to try a verdict on.
 
 from refattn.testing.attention_check import check_attention, check_problem, make_problem
 from refattn.testing.cache_check import check_cache, check_schedule
-from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
+from refattn.testing.candidate import AttentionProblem, Result, Unavailable, Unsupported
+from refattn.testing.constraints import Constraints
 from refattn.testing.problems import CacheSpec, Problem, ProblemSpec, build_problem
 from refattn.testing.report import Failure, FeatureCount, Outcome, Report
 from refattn.testing.tolerance import TOLERANCES, Tolerance, max_abs_error, spec_error_bound
@@ -39,12 +40,14 @@ __all__ = [
     "TOLERANCES",
     "AttentionProblem",
     "CacheSpec",
+    "Constraints",
     "Failure",
     "FeatureCount",
     "Outcome",
     "Problem",
     "ProblemSpec",
     "Report",
+    "Result",
     "Tolerance",
     "Unavailable",
     "Unsupported",

@@ -27,6 +27,7 @@ from refattn.testing.candidate import (
     resolve_case,
     run_candidate,
 )
+from refattn.testing.constraints import Constraints, constraints_of
 from refattn.testing.drawing import corners_of, features_of, resolve_features
 from refattn.testing.precision import Precision
 from refattn.testing.problems import ProblemSpec, build_problem
@@ -75,15 +76,14 @@ def check_problem(
     """
     case = resolve_case(backend, device, dtype)
     contract = precision_of(fn, precision)
-    arrays = build_problem(spec).rounded(dtype)  # built once: the candidate's and the oracle's
+    built = build_problem(spec)
+    arrays = built.rounded(dtype)  # built once: the candidate's and the oracle's
     problem = on_backend(spec, arrays, case, contract)
     start = Outcome(spec=spec, dtype=dtype, backend=backend, device=case.device)
     result, failed = run_candidate(start, lambda: fn(problem))
     if failed is not None:
         return failed
-    scalars = {"causal": spec.causal, "window": spec.window, "softcap": spec.softcap,
-               "scale": spec.scale}  # fmt: skip
-    return judge(start, result, arrays, scalars, spec.return_lse, contract)
+    return judge(start, result, arrays, built.scalars(), spec.return_lse, contract)
 
 
 def check_attention(
@@ -98,6 +98,7 @@ def check_attention(
     on_example: Callable[[Outcome], None] | None = None,
     max_failures: int = 5,
     precision: Precision | None = None,
+    constraints: Constraints | None = None,
 ) -> Report:
     """Search for problems on which ``fn`` disagrees with the spec; shrink each kind found.
 
@@ -119,6 +120,10 @@ def check_attention(
     precision : the candidate's precision contract
         (:class:`~refattn.testing.precision.Precision`); by default its
         ``precision`` attribute, else the spec's own rounding
+    constraints : what the candidate's kernel requires
+        (:class:`~refattn.testing.constraints.Constraints`: head dims, Dv == D,
+        causal only, ...); only problems that meet them are drawn. By default
+        its ``constraints`` attribute, else none
 
     Returns
     -------
@@ -144,9 +149,13 @@ def check_attention(
     max_failures = check_budget("max_failures", max_failures)
     chosen = resolve_features(features)
     contract = precision_of(fn, precision)
+    required = constraints_of(fn, constraints)
+    if required.causal_only and "causal" not in chosen:
+        raise ValueError("constraints say causal_only, so features must include 'causal'; "
+                         f"got {sorted(chosen)}")  # fmt: skip
     report = new_report(fn, backend, device, dtypes, chosen)
     report.precision = contract
-    strategy = attention_specs(chosen)
+    strategy = attention_specs(chosen, constraints=required)
     for dtype in report.dtypes:
 
         def one(spec: ProblemSpec, dtype: str = dtype) -> tuple[Outcome, frozenset[str]]:
@@ -155,7 +164,8 @@ def check_attention(
             return outcome, features_of(spec)
 
         search(report, one, strategy, dtype, max_examples=max_examples, seed=seed,
-               on_example=on_example, allowed=lambda spec: features_of(spec) <= chosen,
+               on_example=on_example,
+               allowed=lambda spec: features_of(spec) <= chosen and required.allows(spec),
                corners=corners_of, max_failures=max_failures)  # fmt: skip
         if report.unavailable:
             break

@@ -45,8 +45,22 @@ class AttentionProblem:
     ``q_pos`` and ``k_pos`` are int64 and always given (``k_pos = -1`` marks
     an empty slot). The candidate computes, for query head ``h`` and KV head
     ``h // (Hq // Hkv)``, softmax over the visible keys of
-    ``softcap(scale * q.k) - slope * |q_pos - k_pos|`` and the weighted sum of
-    the values (see ``refattn.attention``).
+    ``softcap(scale * q.k) - slope * |q_pos - k_pos| + bias`` (the sink logit
+    of head ``h``, if any, joining the denominator) and the weighted sum of
+    the values: exactly ``refattn.attention`` with the problem's options,
+    :meth:`options`.
+
+    A key is visible when its slot is held (``k_pos >= 0``), the mask keeps
+    it, it is not after the query (``causal``), within the window back
+    (``q_pos - k_pos < window``, unless ``k_pos < sink_tokens``) and forward
+    (``k_pos - q_pos <= window_right``).
+
+    The fields after ``precision`` came later: ``check_attention`` sets them
+    only when the features that draw them are asked for, so a candidate
+    written before them is never handed a problem it would get wrong by not
+    reading them. ``new_keys`` says where an in-op cache's past ends: the
+    last ``new_keys`` held slots of each row are the new tokens' keys and
+    values (:func:`refattn.testing.layouts.in_op_cache`).
     """
 
     q: Any  #: (B, Hq, Sq, D)
@@ -66,10 +80,91 @@ class AttentionProblem:
     backend: str
     spec: ProblemSpec  #: rebuilds this problem with ``make_problem``
     precision: Precision = SPEC  #: the precision contract the candidate is judged by
+    mask: Any | None = None  #: boolean, broadcastable to (B, Hq, Sq, Sk); True keeps a key
+    bias: Any | None = None  #: broadcastable to (B, Hq, Sq, Sk), in the checked dtype
+    sink_logits: Any | None = None  #: (Hq,), in the checked dtype
+    sink_tokens: int = 0  #: with a window, keys at positions below this stay visible
+    window_right: int | None = None  #: a key is visible when k_pos - q_pos <= window_right
+    new_keys: int = 0  #: an in-op cache's new keys: the last ``new_keys`` held slots per row
+
+    def options(self) -> dict[str, Any]:
+        """The problem as keyword options of :func:`refattn.attention`: ``attention(p.q, p.k,
+        p.v, **p.options())`` is the spec's answer on the problem's backend.
+
+        >>> import refattn
+        >>> from refattn.testing import ProblemSpec, make_problem
+        >>> p = make_problem(ProblemSpec(q_len=2, k_len=4, causal=True, window_right=0))
+        >>> refattn.attention(p.q, p.k, p.v, **p.options()).shape
+        (1, 1, 2, 8)
+        """
+        names = (
+            "causal",
+            "q_pos",
+            "k_pos",
+            "scale",
+            "window",
+            "softcap",
+            "alibi_slopes",
+            "return_lse",
+            "mask",
+            "bias",
+            "sink_logits",
+            "sink_tokens",
+            "window_right",
+        )
+        return {name: getattr(self, name) for name in names}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a candidate may return instead of ``out`` or ``(out, lse)``, to say more.
+
+    Attributes
+    ----------
+    out : (B, Hq, Sq, Dv) array
+    lse : (B, Hq, Sq) array, when ``problem.return_lse``
+    present : the in-op cache the candidate updated: ``(k, v)`` arrays of shape
+        (B, Hkv, S, D) and (B, Hkv, S, Dv) with ``S >= Sk``, or a cache object
+        that holds them (:func:`present_arrays`). Its first Sk slots must equal
+        the problem's ``k`` and ``v`` exactly in every held slot (``k_pos >= 0``):
+        the past it was given and the new keys it appended.
+    dont_care : (B, Sq) booleans, True for query rows whose output the kernel
+        leaves undefined (padding queries); they are not compared, and the report
+        counts them.
+    """
+
+    out: Any
+    lse: Any = None
+    present: Any = None
+    dont_care: Any = None
+
+
+def present_arrays(present: Any) -> tuple[Any, Any]:
+    """The (k, v) arrays an in-op cache holds: a pair itself, or a cache object with
+    ``layers[0].keys`` / ``.values`` (transformers' caches), ``key_cache[0]`` /
+    ``value_cache[0]`` (their older form), ``keys`` / ``values`` arrays, or ``view()``
+    returning ``(k, v, ...)`` (refattn's caches)."""
+    if isinstance(present, tuple | list) and len(present) == 2:
+        return present[0], present[1]
+    layers = getattr(present, "layers", None)
+    if layers and hasattr(layers[0], "keys") and not callable(layers[0].keys):
+        return layers[0].keys, layers[0].values
+    if hasattr(present, "key_cache") and hasattr(present, "value_cache"):
+        return present.key_cache[0], present.value_cache[0]
+    keys = getattr(present, "keys", None)
+    if keys is not None and not callable(keys):
+        return keys, present.values
+    if callable(getattr(present, "view", None)):
+        viewed = present.view()
+        return viewed[0], viewed[1]
+    raise TypeError(
+        "present must be a (k, v) pair or a cache holding them (layers[0].keys, key_cache, "
+        f"keys/values, view()); got {type(present).__name__}"
+    )
 
 
 #: What a spec may set for its problem to be handed to a candidate today.
-UNCHECKABLE = ("mask", "bias", "sink_logits", "seen_nan", "sink_tokens")
+UNCHECKABLE = ("seen_nan",)
 
 
 def on_backend(
@@ -78,10 +173,7 @@ def on_backend(
     """The problem of ``spec`` with its (rounded, float64) ``arrays`` moved to ``case``."""
     used = [name for name in UNCHECKABLE if getattr(spec, name)]
     if used:
-        raise ValueError(
-            f"a checked problem has no mask, bias, sink logits, NaN in seen slots or sink "
-            f"tokens; spec sets {used}"
-        )
+        raise ValueError(f"a checked problem has no NaN in seen slots; spec sets {used}")
     backend = case.backend
     on = {n: backend.asarray(x, dtype=case.dtype, device=case.device) for n, x in arrays.items()}
     return AttentionProblem(
@@ -102,7 +194,21 @@ def on_backend(
         backend=case.backend.name,
         spec=spec,
         precision=precision,
+        mask=on.get("mask"),
+        bias=on.get("bias"),
+        sink_logits=on.get("sink_logits"),
+        sink_tokens=spec.sink_tokens,
+        window_right=spec.window_right,
+        new_keys=new_keys(spec, arrays["k_pos"]),
     )
+
+
+def new_keys(spec: ProblemSpec, k_pos: np.ndarray) -> int:
+    """How many of each row's held key slots an in-op cache gets as new: ``spec.new_keys``,
+    else as many as there are queries, and never more than the fewest a row holds."""
+    held = int((k_pos >= 0).sum(axis=-1).min()) if k_pos.size else 0
+    wanted = spec.q_len if spec.new_keys is None else spec.new_keys
+    return min(wanted, held)
 
 
 def resolve_case(backend: str, device: str | None, dtype: str) -> Case:

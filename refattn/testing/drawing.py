@@ -39,13 +39,36 @@ feature           what it draws
                   in every slot no query may see (off by default: only kernels
                   that never read such slots, as flash-attn's ``cache_seqlens``
                   or a paged kernel, can promise this)
+``mask``          a random boolean mask (True keeps), per head, per row or shared
+``tree_mask``     speculative decoding's tree mask: each draft token sees the
+                  prefix, its ancestors and itself, at positions numbered by depth
+``document_mask`` packed rows of several documents, each query seeing only its
+                  own document, positions restarting in each
+``prefix_lm``     a prefix every query sees, causal after it (as a mask)
+``bias``          an additive float bias, per head or per row
+``sink_logits``   one sink logit per head in the softmax denominator, some large
+                  enough (8, 30) to dominate the row
+``sink_tokens``   the first 1 to 3 positions kept visible through a window
+``two_sided_window``  a window's right reach :math:`R` (``window_right``), keys
+                  up to R positions after the query visible, with or without a
+                  left window (with ``window``)
+``latent``        latent attention's shapes: D = 576, Dv = 512, one KV head
+``mqa``           one KV head shared by 5 to 16 query heads
+``in_op_cache``   the split of the keys into an in-op cache's past and new ones
+                  (``problem.new_keys``) anywhere in the row, not just at the
+                  queries
 ================  =============================================================
 
-The spec itself takes more than a candidate can be handed today
-(:data:`SPEC_ONLY_FEATURES`): a boolean ``mask``, an additive ``bias``,
-``sink_logits``, ``sink_tokens`` beside a window, NaN in slots some queries
-see (``seen_nan``) and problems without queries (``no_queries``). The test
-suite and ``refattn verify`` draw those too.
+Every feature above but ``unseen_nan`` and those after it (the options a
+kernel must have asked for: masks, bias, sinks, two-sided windows, latent
+shapes, in-op splits) is drawn by default (:data:`DEFAULT_FEATURES`). The
+spec itself also takes NaN in slots some queries see (``seen_nan``) and
+problems without queries (``no_queries``, :data:`SPEC_ONLY_FEATURES`); the
+test suite and ``refattn verify`` draw those too.
+
+A candidate's :class:`~refattn.testing.constraints.Constraints` narrow every
+draw further: head dims, value dims, lengths and layouts are chosen inside
+them (:func:`draw_spec`).
 
 Always drawn: batch 1 to 3, Sq < Sk, Sq = Sk and Sq > Sk, head dims that are
 not powers of two, a value dim different from the key dim, and explicit
@@ -55,10 +78,12 @@ scales.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from refattn.testing.constraints import ANY, Constraints
 from refattn.testing.problems import UNSEEN_VALUES, ProblemSpec
 
 #: Every feature ``check_attention`` can draw and hand to a candidate.
@@ -76,13 +101,33 @@ FEATURES = (
     "tiles",
     "large_logits",
     "unseen_nan",
+    "mask",
+    "tree_mask",
+    "document_mask",
+    "prefix_lm",
+    "bias",
+    "sink_logits",
+    "sink_tokens",
+    "two_sided_window",
+    "latent",
+    "mqa",
+    "in_op_cache",
 )
+#: The masks a problem may carry, by feature, and the kind of mask each draws.
+MASK_FEATURES = {"mask": "random", "tree_mask": "tree", "document_mask": "document",
+                 "prefix_lm": "prefix_lm"}  # fmt: skip
 #: What the spec takes but a candidate cannot yet be handed.
-SPEC_ONLY_FEATURES = ("mask", "bias", "sink_logits", "sink_tokens", "seen_nan", "no_queries")
+SPEC_ONLY_FEATURES = ("seen_nan", "no_queries")
 #: Everything the spec takes.
 ALL_FEATURES = frozenset(FEATURES) | frozenset(SPEC_ONLY_FEATURES)
-#: What ``check_attention`` draws when ``features`` is None: everything but ``unseen_nan``.
-DEFAULT_FEATURES = frozenset(FEATURES) - {"unseen_nan"}
+#: What ``check_attention`` draws when ``features`` is None: the features a kernel is
+#: expected to have without asking (the ones a candidate reads from the problem's
+#: original fields), not ``unseen_nan`` nor the options added later to the problem.
+DEFAULT_FEATURES = frozenset(FEATURES[: FEATURES.index("unseen_nan")])
+#: Sink logits of these sizes are drawn (besides N(0, 1)): 30 dominates a row of scores near 1.
+SINK_OFFSETS = (0.0, 0.0, 8.0, 30.0)
+#: Latent attention's head dims (DeepSeek's absorbed MLA: 512 latent + 64 rotary).
+LATENT_DIMS = (576, 512)
 
 HEAD_DIMS = (8, 1, 3, 13, 16, 24, 40, 64, 80, 128)  # the first is where shrinking goes
 SOFTCAPS = (1.0, 5.0, 20.0, 50.0)
@@ -138,10 +183,10 @@ def resolve_features(
 
     >>> sorted(resolve_features({"causal", "gqa"}))
     ['causal', 'gqa']
-    >>> resolve_features({"mask"})
+    >>> resolve_features({"seen_nan"})
     Traceback (most recent call last):
     ...
-    ValueError: features must be drawn from ('causal', 'gqa', 'positions', 'empty_slots', 'ragged', 'window', 'softcap', 'alibi', 'lse', 'long', 'tiles', 'large_logits', 'unseen_nan'); got unknown ['mask'] (the spec takes it, but a candidate cannot yet be handed it)
+    ValueError: features must be drawn from ('causal', 'gqa', 'positions', 'empty_slots', 'ragged', 'window', 'softcap', 'alibi', 'lse', 'long', 'tiles', 'large_logits', 'unseen_nan', 'mask', 'tree_mask', 'document_mask', 'prefix_lm', 'bias', 'sink_logits', 'sink_tokens', 'two_sided_window', 'latent', 'mqa', 'in_op_cache'); got unknown ['seen_nan'] (the spec takes it, but a candidate cannot yet be handed it)
     """  # noqa: E501
     if features is None:
         return DEFAULT_FEATURES
@@ -158,9 +203,10 @@ def resolve_features(
 
 def features_of(spec: ProblemSpec) -> frozenset[str]:
     """The features a spec exercises (the per-feature counts of a report)."""
+    mqa = spec.kv_heads == 1 and spec.q_heads > 4
     tags = {
         "causal": spec.causal,
-        "gqa": spec.q_heads > spec.kv_heads,
+        "gqa": spec.q_heads > spec.kv_heads and not mqa,
         "positions": spec.layout in ("top_left", "staggered", "scattered"),
         "empty_slots": spec.layout in ("holes", "scattered") or spec.k_len == 0,
         "ragged": spec.layout in ("ragged", "left_padded"),
@@ -172,10 +218,16 @@ def features_of(spec: ProblemSpec) -> frozenset[str]:
         "tiles": any(_at_tile(n) and n > 16 for n in (spec.k_len, spec.q_len)),
         "large_logits": spec.logit_size >= 1e3,
         "unseen_nan": spec.unseen_nan,
-        "mask": spec.mask,
+        **{
+            feature: spec.mask and spec.mask_kind == kind for feature, kind in MASK_FEATURES.items()
+        },
         "bias": spec.bias,
         "sink_logits": spec.sink_logits,
         "sink_tokens": spec.sink_tokens > 0,
+        "two_sided_window": spec.window_right is not None,
+        "latent": max(spec.head_dim, spec.value_dim) > 256,
+        "mqa": mqa,
+        "in_op_cache": spec.new_keys is not None,
         "seen_nan": spec.seen_nan,
         "no_queries": spec.q_len == 0,
     }
@@ -222,7 +274,10 @@ def layouts(features: frozenset[str]) -> list[str]:
     return chosen
 
 
-def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> ProblemSpec:
+def draw_spec(
+    draws: Draws, features: frozenset[str], *, max_len: int = 16,
+    constraints: Constraints = ANY,
+) -> ProblemSpec:  # fmt: skip
     """An attention problem with only ``features`` switched on (each maybe, by the draw).
 
     Short rows have up to ``max_len`` queries and keys. With ``long``, one
@@ -230,7 +285,8 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     most 4 queries; with
     ``tiles``, one in eight has a tile length of keys (16 to 256, or one
     either side) and, half the time, of queries too. Those have one row and
-    at most two KV heads of two query heads each.
+    at most two KV heads of two query heads each. ``constraints`` (what the
+    candidate's kernel requires) narrow the draw (:func:`_constrained`).
 
     >>> rng = np.random.default_rng(0)
     >>> spec = draw_spec(NumpyDraws(rng), frozenset({"causal"}))
@@ -268,7 +324,8 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
     logit_sizes = (1.0, 30.0, 1e4) if "large_logits" in on else (1.0, 30.0)
     if offset:  # flat scores mostly, where every one of the many terms counts
         logit_sizes = (1.0, 1.0, 30.0)
-    return ProblemSpec(
+    masks = [kind for feature, kind in MASK_FEATURES.items() if feature in on]
+    spec = ProblemSpec(
         batch=batch,
         q_heads=kv_heads * groups,
         kv_heads=kv_heads,
@@ -283,7 +340,7 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
         softcap=softcap,
         alibi="alibi" in on and draws.flag(),
         sink_logits="sink_logits" in on and draws.flag(),
-        mask="mask" in on and draws.flag(),
+        mask=bool(masks) and draws.flag(),
         bias="bias" in on and draws.flag(),
         scale=draws.real(0.05, 2.0) if draws.flag() else None,
         logit_size=draws.choice(logit_sizes),
@@ -294,6 +351,72 @@ def draw_spec(draws: Draws, features: frozenset[str], *, max_len: int = 16) -> P
         unseen_values=draws.choice(UNSEEN_VALUES) if unseen else "nan",
         value_offset=offset,
     )
+    return _constrained(_added_options(draws, spec, on, masks), constraints)
+
+
+def _added_options(
+    draws: Draws, spec: ProblemSpec, on: frozenset[str], masks: list[str]
+) -> ProblemSpec:
+    """The options added to the problem after the first features, drawn after those (so a
+    draw of the first features alone makes the same problems as before they came)."""
+    changes: dict[str, Any] = {}
+    if spec.mask and len(masks) > 1:
+        changes["mask_kind"] = draws.choice(masks)
+    elif spec.mask:
+        changes["mask_kind"] = masks[0]
+    if spec.sink_logits:
+        changes["sink_offset"] = draws.choice(SINK_OFFSETS)
+    if "two_sided_window" in on and draws.flag():
+        changes["window_right"] = draws.integer(0, spec.k_len + 1)
+    small = spec.k_len <= 256
+    if "latent" in on and small and draws.integer(0, 7) == 0:
+        groups = spec.q_heads // spec.kv_heads
+        changes |= {"head_dim": LATENT_DIMS[0], "value_dim": LATENT_DIMS[1], "kv_heads": 1,
+                    "q_heads": groups, "batch": 1, "q_len": min(spec.q_len, 4),
+                    "k_len": min(spec.k_len, 64)}  # fmt: skip
+    elif "mqa" in on and small and draws.integer(0, 5) == 0:
+        changes |= {"kv_heads": 1, "q_heads": draws.integer(5, 16)}
+    if "in_op_cache" in on and draws.flag():
+        changes["new_keys"] = draws.integer(0, changes.get("k_len", spec.k_len))
+    return replace(spec, **changes) if changes else spec
+
+
+def _constrained(spec: ProblemSpec, constraints: Constraints) -> ProblemSpec:
+    """``spec`` moved inside ``constraints``: each requirement met by the nearest problem
+    that meets it (a head dim rounded to an allowed one, Sq cut to Sk, a layout whose rows
+    hold their queries' keys), so no draw is wasted on a refusal."""
+    c = constraints
+    if c == ANY:
+        return spec
+    changes: dict[str, Any] = {}
+    latent = max(spec.head_dim, spec.value_dim) > max(HEAD_DIMS)
+    dims = sorted(c.head_dims(HEAD_DIMS + (LATENT_DIMS if latent else ())))
+    fit = {name: min((d for d in dims if d >= getattr(spec, name)), default=dims[-1])
+           for name in ("head_dim", "value_dim")}  # fmt: skip
+    changes |= fit
+    if c.same_value_dim:
+        changes["value_dim"] = fit["head_dim"]
+    causal = spec.causal or c.causal_only
+    changes["causal"] = causal
+    q_len, k_len = spec.q_len, spec.k_len
+    if c.keys_cover_queries or c.no_empty_rows:
+        # Rows that hold every query's own key: no holes, no queries before the keys.
+        k_len = max(k_len, 1) if c.no_empty_rows else k_len
+        q_len = min(q_len, k_len)
+        keep = ["bottom_right", "top_left", "ragged", "left_padded"]
+        if not c.no_empty_rows:
+            keep.append("staggered")  # every key held, queries earlier: some see none
+        changes["layout"] = spec.layout if spec.layout in keep else "bottom_right"
+        changes["min_row_len"] = max(q_len, 1 if c.no_empty_rows else 0)
+        changes["no_empty_rows"] = c.no_empty_rows
+    if c.square_unless_causal and not causal:
+        q_len = k_len
+    changes |= {"q_len": q_len, "k_len": k_len}
+    if spec.window is not None and spec.window > k_len + 2:
+        changes["window"] = k_len + 2
+    if spec.new_keys is not None:
+        changes["new_keys"] = min(spec.new_keys, k_len)
+    return replace(spec, **changes)
 
 
 def _tile_length(draws: Draws) -> int:

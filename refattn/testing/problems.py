@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends.base import round_to
+from refattn.caches.quantized import FORMATS, SCALES
 from refattn.options import check_integer, check_real
 
 #: How key and query positions are laid out.
@@ -41,6 +42,22 @@ LAYOUTS = ("bottom_right", "top_left", "staggered", "holes", "ragged", "left_pad
 #: element one of the three. An infinity is the harder test: ``0 * inf`` is NaN where
 #: ``0 * NaN`` already was, and a kernel that guards NaN with ``isnan`` lets it through.
 UNSEEN_VALUES = ("nan", "inf", "-inf", "mixed")
+#: The boolean masks a problem may carry (``mask=True``), as real systems build them.
+#:
+#: ``random``: each entry kept with probability 3/4, per head, per row or shared.
+#: ``tree``: speculative decoding's tree of draft tokens. The last
+#: ``n = min(Sq, Sk)`` queries are the tree's nodes and the last n key slots
+#: their keys; each node has a random parent among the nodes before it (or the
+#: committed prefix) and sees the prefix, its ancestors and itself. With the
+#: default layout, a node's position is the prefix length plus its depth, as
+#: tree decoding numbers them.
+#: ``document``: packed rows, several documents one after another in each row
+#: (as with ``cu_seqlens``); a query sees only keys of its own document (the
+#: queries sit on the last Sq key slots). With the default layout, positions
+#: restart at 0 in each document.
+#: ``prefix_lm``: the first P keys of each row (the prefix) are seen by every
+#: query; the others only from queries at or after their position.
+MASK_KINDS = ("random", "tree", "document", "prefix_lm")
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,12 @@ class ProblemSpec:
     seed: int = 0
     unseen_values: str = "nan"  #: what ``unseen_nan`` plants (:data:`UNSEEN_VALUES`)
     value_offset: float = 0.0  #: added to every value: a mean that low-precision sums lose
+    window_right: int | None = None  #: a key is visible when k_pos - q_pos <= window_right
+    mask_kind: str = "random"  #: which mask ``mask`` builds (:data:`MASK_KINDS`)
+    sink_offset: float = 0.0  #: added to the sink logits: large ones dominate their row
+    min_row_len: int = 0  #: ragged and left-padded rows hold at least this many keys
+    no_empty_rows: bool = False  #: the mask keeps a key in every row that positions leave one
+    new_keys: int | None = None  #: an in-op cache's new keys per row (default min(Sq, keys held))
 
     def __post_init__(self) -> None:
         """A spec that describes no valid attention call is refused here, naming the field,
@@ -78,6 +101,12 @@ class ProblemSpec:
         _check_counts(self, {"q_len": 0, "k_len": 0, "value_dim": 1})
         if self.window is not None:
             check_integer("ProblemSpec.window", self.window, minimum=1)
+        for name in ("window_right", "new_keys"):
+            if getattr(self, name) is not None:
+                check_integer(f"ProblemSpec.{name}", getattr(self, name), minimum=0)
+        check_integer("ProblemSpec.min_row_len", self.min_row_len, minimum=0)
+        check_real("ProblemSpec.sink_offset", self.sink_offset, positive=False)
+        _check_choice("ProblemSpec.mask_kind", self.mask_kind, MASK_KINDS)
         check_real("ProblemSpec.softcap", self.softcap, positive=True)
         check_real("ProblemSpec.scale", self.scale, positive=False)
         check_real("ProblemSpec.logit_size", self.logit_size, positive=True)
@@ -85,7 +114,7 @@ class ProblemSpec:
         _check_choice("ProblemSpec.layout", self.layout, LAYOUTS)
         _check_choice("ProblemSpec.unseen_values", self.unseen_values, UNSEEN_VALUES)
         for name in ("causal", "alibi", "sink_logits", "mask", "bias", "unseen_nan", "seen_nan",
-                     "return_lse"):  # fmt: skip
+                     "return_lse", "no_empty_rows"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"ProblemSpec.{name} must be True or False; got {value!r}")
@@ -143,6 +172,7 @@ class Problem:
         return {
             "causal": s.causal,
             "window": s.window,
+            "window_right": s.window_right,
             "sink_tokens": s.sink_tokens,
             "softcap": s.softcap,
             "scale": s.scale,
@@ -164,9 +194,9 @@ def build_problem(spec: ProblemSpec) -> Problem:
     q_pos, k_pos = _positions(rng, spec)
     mask = bias = slopes = sinks = None
     if spec.mask:
-        keep = rng.random((B, Hq, Sq, Sk)) < 0.75
-        form = rng.integers(3)  # full, shared across heads, shared across the batch
-        mask = keep if form == 0 else keep[:, :1] if form == 1 else keep[0, :, :, :]
+        mask, q_pos, k_pos = _mask(rng, spec, q_pos, k_pos)
+        if spec.no_empty_rows:
+            mask = _keep_a_key(rng, spec, mask, q_pos, k_pos)
     if spec.bias:
         bias = rng.standard_normal((1, Hq, Sq, Sk) if rng.integers(2) else (B, 1, Sq, Sk))
     if spec.alibi:
@@ -174,7 +204,7 @@ def build_problem(spec: ProblemSpec) -> Problem:
         if rng.integers(2):
             slopes = slopes * rng.uniform(0.5, 2.0, size=(B, 1))
     if spec.sink_logits:
-        sinks = rng.standard_normal(Hq)
+        sinks = rng.standard_normal(Hq) + spec.sink_offset
     problem = Problem(spec, q, k, v, q_pos, k_pos, mask, bias, slopes, sinks)
     if spec.unseen_nan:
         _poison_unseen_slots(problem, rng)
@@ -200,13 +230,14 @@ def _positions(rng: np.random.Generator, spec: ProblemSpec) -> tuple[np.ndarray,
     if spec.layout == "holes":
         k_pos = np.where(rng.random((B, Sk)) < 0.3, -1, np.arange(Sk)[None, :])
         return np.tile(Sk - Sq + rows, (B, 1)), k_pos
+    least = min(spec.min_row_len, Sk)
     if spec.layout == "ragged":
-        length = rng.integers(0, Sk + 1, size=(B, 1))
+        length = rng.integers(least, Sk + 1, size=(B, 1))
         k_pos = np.where(np.arange(Sk)[None, :] < length, np.arange(Sk)[None, :], -1)
         return length - Sq + rows[None, :], k_pos
     if spec.layout == "left_padded":
         # Row b starts with pad[b] empty slots; its tokens are numbered from 0.
-        pad = rng.integers(0, Sk + 1, size=B)
+        pad = rng.integers(0, Sk + 1 - least, size=B)
         k_pos = np.arange(Sk)[None, :] - pad[:, None]
         k_pos = np.where(k_pos < 0, -1, k_pos)
         q_pos = (Sk - pad)[:, None] - Sq + rows[None, :]
@@ -220,20 +251,104 @@ def _positions(rng: np.random.Generator, spec: ProblemSpec) -> tuple[np.ndarray,
     raise AssertionError(f"unreachable: layout {spec.layout!r} was checked")
 
 
-def seen_slots(problem: Problem) -> np.ndarray:
-    """(B, Sk) booleans: which key slots at least one query of the row may see."""
-    s = problem.spec
-    q = problem.q_pos[:, :, None]
-    k = problem.k_pos[:, None, :]
-    visible = np.broadcast_to(k >= 0, (s.batch, s.q_len, s.k_len))
-    if s.causal:
+def _mask(
+    rng: np.random.Generator, spec: ProblemSpec, q_pos: np.ndarray, k_pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The boolean mask of :data:`MASK_KINDS` ``spec.mask_kind``, and the positions (a tree
+    and packed documents number their tokens themselves in the default layout)."""
+    B, Hq, Sq, Sk = spec.batch, spec.q_heads, spec.q_len, spec.k_len
+    if spec.mask_kind == "random":
+        keep = rng.random((B, Hq, Sq, Sk)) < 0.75
+        form = rng.integers(3)  # full, shared across heads, shared across the batch
+        mask = keep if form == 0 else keep[:, :1] if form == 1 else keep[0, :, :, :]
+        return mask, q_pos, k_pos
+    mask = np.ones((B, 1, Sq, Sk), dtype=bool)
+    renumber = spec.layout == "bottom_right"
+    q_pos, k_pos = q_pos.copy(), k_pos.copy()
+    if spec.mask_kind == "tree":
+        n = min(Sq, Sk)  # nodes: the last n queries and the last n key slots
+        for b in range(B):
+            parent = [int(rng.integers(-1, t)) if t else -1 for t in range(n)]  # -1: prefix
+            depth = [0] * n
+            for t in range(n):
+                depth[t] = 0 if parent[t] < 0 else depth[parent[t]] + 1
+                mask[b, 0, Sq - n + t, Sk - n :] = False
+                u = t
+                while u >= 0:  # itself and its ancestors
+                    mask[b, 0, Sq - n + t, Sk - n + u] = True
+                    u = parent[u]
+            if renumber:
+                prefix = Sk - n
+                k_pos[b, Sk - n :] = prefix + np.array(depth, dtype=np.int64)
+                q_pos[b, Sq - n :] = prefix + np.array(depth, dtype=np.int64)
+        return mask, q_pos, k_pos
+    if spec.mask_kind == "document":
+        for b in range(B):
+            cuts = np.sort(
+                rng.choice(
+                    np.arange(1, Sk),
+                    size=min(int(rng.integers(0, 4)), max(Sk - 1, 0)),
+                    replace=False,
+                )
+            )
+            doc_k = np.searchsorted(cuts, np.arange(Sk), side="right")  # (Sk,)
+            slot_q = Sk - Sq + np.arange(Sq)  # the key slot each query sits on
+            doc_q = np.searchsorted(cuts, np.maximum(slot_q, 0), side="right")  # (Sq,)
+            mask[b, 0] = doc_q[:, None] == doc_k[None, :]
+            if renumber:
+                starts = np.concatenate([[0], cuts]).astype(np.int64)
+                k_pos[b] = np.arange(Sk) - starts[doc_k]
+                q_pos[b] = slot_q - starts[doc_q]
+        return mask, q_pos, k_pos
+    # prefix_lm: the prefix's keys are seen by all; the rest only from their own position on.
+    prefix_len = rng.integers(0, Sk + 1, size=(B, 1, 1, 1))
+    k, q = k_pos[:, None, None, :], q_pos[:, None, :, None]
+    return (k < prefix_len) | (k <= q), q_pos, k_pos
+
+
+def _keep_a_key(
+    rng: np.random.Generator, spec: ProblemSpec, mask: np.ndarray, q_pos: np.ndarray,
+    k_pos: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """``mask`` with one key kept in every row that positions leave some key but the mask
+    leaves none (``no_empty_rows``): a random one of the keys positions leave it."""
+    shape = (spec.batch, spec.q_heads, spec.q_len, spec.k_len)
+    by_positions = np.broadcast_to(visible_by_positions(spec, q_pos, k_pos)[:, None], shape)
+    kept = np.array(np.broadcast_to(mask, shape))
+    empty = by_positions.any(axis=-1) & ~(kept & by_positions).any(axis=-1)  # (B, Hq, Sq)
+    for b, h, i in zip(*np.nonzero(empty), strict=True):
+        kept[b, h, i, rng.choice(np.flatnonzero(by_positions[b, h, i]))] = True
+    return kept if empty.any() else mask
+
+
+def visible_by_positions(spec: ProblemSpec, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+    """(B, Sq, Sk) booleans: which keys each query may see by positions alone (held slots,
+    causal, the window both ways, sink tokens), before any mask."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    visible = np.broadcast_to(k >= 0, (spec.batch, spec.q_len, spec.k_len))
+    if spec.causal:
         visible = visible & (k <= q)
-    if s.window is not None:
-        visible = visible & ((q - k < s.window) | (k < s.sink_tokens))
-    visible = np.broadcast_to(visible[:, None], (s.batch, s.q_heads, s.q_len, s.k_len))
+    if spec.window is not None:
+        visible = visible & ((q - k < spec.window) | (k < spec.sink_tokens))
+    if spec.window_right is not None:
+        visible = visible & (k - q <= spec.window_right)
+    return np.asarray(visible)
+
+
+def visible_keys(problem: Problem) -> np.ndarray:
+    """(B, Hq, Sq, Sk) booleans: which keys each query may see, the mask included."""
+    s = problem.spec
+    shape = (s.batch, s.q_heads, s.q_len, s.k_len)
+    visible = visible_by_positions(s, problem.q_pos, problem.k_pos)[:, None]
     if problem.mask is not None:
         visible = visible & problem.mask
-    return np.asarray(visible.any(axis=(1, 2)))
+    return np.broadcast_to(visible, shape)
+
+
+def seen_slots(problem: Problem) -> np.ndarray:
+    """(B, Sk) booleans: which key slots at least one query of the row may see."""
+    return np.asarray(visible_keys(problem).any(axis=(1, 2)))
 
 
 def _poison_unseen_slots(problem: Problem, rng: np.random.Generator) -> None:
@@ -257,7 +372,15 @@ class CacheSpec:
     """A decoding history for a KV cache: rows, heads, append sizes, the cache's window, a seed.
 
     Every row appends ``steps[i]`` tokens at step i; :func:`cache_history`
-    makes the queries, keys and values of all of them.
+    makes the queries, keys and values of all of them, one history per layer
+    of ``layers`` (``"full"`` attends to every key, ``"sliding"`` through
+    ``window``). The rest is what the cache under check is held to: its code
+    ``format`` and the values that share a scale (``scales``, as
+    :class:`~refattn.caches.QuantizedCache` names them) set the error allowed
+    on top of the tolerance rule, and ``may_alias`` whether it may return the
+    caller's own arrays. ``outlier_size`` makes some tokens' keys and values
+    that many times larger than the rest, as the massive activations of real
+    models are: a scale fixed on earlier tokens cannot hold them.
     """
 
     batch: int = 1
@@ -270,6 +393,12 @@ class CacheSpec:
     bits: int | None = None  #: the cache quantizes: its error bound is allowed on top
     logit_size: float = 1.0
     seed: int = 0
+    format: str | None = None  #: the cache's codes (:data:`~refattn.caches.quantized.FORMATS`)
+    scales: str = "token"  #: which values share a scale (:data:`~refattn.caches.quantized.SCALES`)
+    outlier_size: float = 1.0  #: how much larger the outlier tokens are (1: none)
+    layers: tuple[str, ...] | None = None  #: each layer's :data:`LAYER_KINDS` (None: one, windowed
+    #: when there is a window)
+    may_alias: bool = False  #: the cache may return arrays that share the caller's memory
 
     def __post_init__(self) -> None:
         """Refuse a history that describes no valid decoding, naming the field."""
@@ -282,19 +411,75 @@ class CacheSpec:
             if getattr(self, name) is not None:
                 check_integer(f"CacheSpec.{name}", getattr(self, name), minimum=minimum)
         check_real("CacheSpec.logit_size", self.logit_size, positive=True)
+        check_real("CacheSpec.outlier_size", self.outlier_size, positive=True)
+        if self.outlier_size < 1:
+            raise ValueError(
+                f"CacheSpec.outlier_size must be at least 1; got {self.outlier_size!r}"
+            )
+        if self.format is not None:
+            _check_choice("CacheSpec.format", self.format, FORMATS)
+        _check_choice("CacheSpec.scales", self.scales, SCALES)
+        if self.layers is not None and (not isinstance(self.layers, tuple) or not self.layers):
+            raise TypeError(f"CacheSpec.layers must be a non-empty tuple; got {self.layers!r}")
+        for kind in self.layers or ():
+            _check_choice("CacheSpec.layers[i]", kind, LAYER_KINDS)
+        if "sliding" in (self.layers or ()) and self.window is None:
+            raise ValueError("CacheSpec.layers has a sliding layer, which needs a window; got none")
+        if not isinstance(self.may_alias, bool):
+            raise TypeError(f"CacheSpec.may_alias must be True or False; got {self.may_alias!r}")
 
     @property
     def length(self) -> int:
         return sum(self.steps)
 
+    @property
+    def quantized(self) -> tuple[str, str, int] | None:
+        """``(format, scales, bits)`` of a quantizing cache (``bits`` alone means int8), or
+        None for a cache that stores what it is given."""
+        if self.format is None and self.bits is None:
+            return None
+        return self.format or "int8", self.scales, 8 if self.bits is None else self.bits
 
-def cache_history(spec: CacheSpec) -> Problem:
-    """The whole history of ``spec`` as one causal self-attention problem (float64 NumPy)."""
-    return build_problem(
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each layer's kind: ``layers``, or one layer, sliding when there is a window."""
+        if self.layers is not None:
+            return self.layers
+        return ("full",) if self.window is None else ("sliding",)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The window through which layer ``layer``'s queries attend (a sliding layer's)."""
+        return self.window if self.layer_kinds[layer] == "sliding" else None
+
+
+#: How a layer attends: to every key, or through the history's window.
+LAYER_KINDS = ("full", "sliding")
+
+
+def cache_history(spec: CacheSpec, layer: int = 0) -> Problem:
+    """The whole history of layer ``layer`` of ``spec`` as one causal self-attention problem
+    (float64 NumPy). Each layer draws its own queries, keys and values (layer 0 from the
+    seed itself); the outlier keys and values, each of about one token in four after the
+    first, are the same in every layer."""
+    seed = (
+        spec.seed
+        if layer == 0
+        else int(np.random.SeedSequence([spec.seed, layer]).generate_state(1)[0])
+    )
+    problem = build_problem(
         ProblemSpec(
             batch=spec.batch, q_heads=spec.q_heads, kv_heads=spec.kv_heads,
             q_len=spec.length, k_len=spec.length, head_dim=spec.head_dim,
-            value_dim=spec.head_dim, causal=True, window=spec.window,
-            sink_tokens=spec.sink_tokens, logit_size=spec.logit_size, seed=spec.seed,
+            value_dim=spec.head_dim, causal=True, window=spec.layer_window(layer),
+            sink_tokens=spec.sink_tokens, logit_size=spec.logit_size, seed=seed,
         )
     )  # fmt: skip
+    if spec.outlier_size > 1:
+        # Keys and values are outliers independently: a large value under an ordinary key
+        # keeps an ordinary weight, so what becomes of it shows in the output.
+        rng = np.random.default_rng([spec.seed, 1])
+        larger = np.where(rng.random((2, spec.length)) < 0.25, spec.outlier_size, 1.0)  # (2, S)
+        larger[:, 0] = 1.0
+        problem.k = problem.k * larger[0, :, None]
+        problem.v = problem.v * larger[1, :, None]
+    return problem

@@ -40,6 +40,7 @@ class Outcome:
     raised: str = ""
     unavailable: bool = False
     finding: str = ""
+    ignored_rows: int = 0  #: query rows the candidate declared "don't care": not compared
 
     @property
     def symptom(self) -> str:
@@ -290,8 +291,11 @@ class Report:
     unexplained: dict[str, int] = field(default_factory=dict)  #: failing draws past the classes
     unavailable: str = ""  #: why the candidate cannot run here at all, if it cannot
     precision: Precision = SPEC  #: the precision contract the candidate was judged by
+    ignored_rows: dict[str, int] = field(default_factory=dict)  #: "don't care" rows, per dtype
 
     def count(self, dtype: str, tags: frozenset[str], outcome: Outcome) -> None:
+        if outcome.ignored_rows:
+            self.ignored_rows[dtype] = self.ignored_rows.get(dtype, 0) + outcome.ignored_rows
         per_dtype = self.counts.setdefault(dtype, {})
         for tag in ("all", *sorted(tags)):
             per_dtype.setdefault(tag, FeatureCount()).add(outcome)
@@ -341,6 +345,7 @@ class Report:
             "first_failure": self.first_failure,
             "seconds": self.seconds,
             "nothing_checked": self.nothing_checked,
+            "ignored_rows": self.ignored_rows,
             "precision": asdict(self.precision),
             "failures": [
                 {
@@ -385,6 +390,9 @@ class Report:
                     "unsupported: "
                     + "; ".join(f"{n} {reason!r}" for reason, n in reasons.most_common())
                 )
+            if self.ignored_rows.get(dtype):
+                lines.append(f"{dtype}: {self.ignored_rows[dtype]} query rows the candidate "
+                             "declared don't care (padding) were not compared")  # fmt: skip
             if supported == 0 and not self.unavailable:
                 lines.append(f"{dtype}: nothing was checked (every problem was unsupported)")
             elif supported < tried / 4:

@@ -28,9 +28,11 @@ Spec = TypeVar("Spec", bound=ProblemSpec | CacheSpec)
 #: Fields switched back to their default first, in this order: each is one try.
 _OPTIONS = ("mask", "bias", "sink_logits", "seen_nan", "unseen_nan", "alibi", "softcap",
             "window", "sink_tokens", "causal", "return_lse", "scale", "layout", "logit_size",
-            "unseen_values", "value_offset")  # fmt: skip
+            "unseen_values", "value_offset", "window_right", "mask_kind", "sink_offset",
+            "new_keys", "no_empty_rows", "min_row_len")  # fmt: skip
 #: Integer fields shrunk by bisection towards their least value.
-_LENGTHS = {"batch": 1, "q_len": 0, "k_len": 0, "window": 1, "sink_tokens": 0}
+_LENGTHS = {"batch": 1, "q_len": 0, "k_len": 0, "window": 1, "sink_tokens": 0,
+            "window_right": 0, "new_keys": 0}  # fmt: skip
 #: Dims tried in this order (the first is where shrinking goes).
 _DIMS = (8, 1, 2, 4, 16, 32, 64)
 #: Round caps a drawn softcap is tried at.

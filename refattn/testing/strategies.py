@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
+from refattn.testing.constraints import ANY, Constraints
 from refattn.testing.drawing import (
     ALL_FEATURES,
     HEAD_DIMS,
@@ -55,17 +57,22 @@ class HypothesisDraws:
 
 @st.composite
 def attention_specs(
-    draw: st.DrawFn, features: Iterable[str] | None = None, *, max_len: int = 16
-) -> ProblemSpec:
+    draw: st.DrawFn, features: Iterable[str] | None = None, *, max_len: int = 16,
+    constraints: Constraints = ANY,
+) -> ProblemSpec:  # fmt: skip
     """An attention problem as ``check_attention`` draws it, narrowed to ``features``.
 
     ``features`` may also name what only the spec takes (``mask``, ``bias``,
     ``sink_logits``, ...: :data:`~refattn.testing.drawing.SPEC_ONLY_FEATURES`),
     to test the spec itself. Short rows have up to ``max_len`` queries and
-    keys; with ``long``, about one problem in six has 64 to 1024 keys.
+    keys; with ``long``, about one problem in eight has 64 to 4096 keys.
+    ``constraints`` (a kernel's :class:`~refattn.testing.constraints.Constraints`)
+    narrow the draws to problems that kernel takes.
     """
     chosen = resolve_features(features, allowed=ALL_FEATURES)
-    return draw_spec(HypothesisDraws(draw), chosen, max_len=max_len)
+    spec = draw_spec(HypothesisDraws(draw), chosen, max_len=max_len, constraints=constraints)
+    assume(constraints.allows(spec))  # rare: what the drawing could not choose ahead
+    return spec
 
 
 def attention_problems(
@@ -126,13 +133,28 @@ def cache_specs(
     bits: int | None = None,
     max_len: int = 24,
     max_chunk: int = 6,
+    quantized: Sequence[tuple[str, str]] | None = None,
+    layers: tuple[str, ...] | None = None,
+    may_alias: bool = False,
 ) -> CacheSpec:
     """A decoding history for ``check_cache``: a prefill, then decode steps and chunks.
 
     ``window`` and ``sink_tokens`` are the cache's own (a sliding-window cache
     keeps only those keys); histories are drawn to run past the window.
+    ``layers``, ``may_alias`` and ``bits`` are the check's, as given. A cache
+    that quantizes (``bits``, or ``quantized``: the ``(format, scales)`` pairs
+    to draw its codes from) gets histories with outlier tokens 4 or 16 times
+    larger two times in three.
+
+    >>> from hypothesis import given
+    >>> @given(cache_specs(quantized=[("e4m3", "head"), ("e5m2", "tensor")]))
+    ... def test_fp8(spec):
+    ...     assert (spec.format, spec.scales) in [("e4m3", "head"), ("e5m2", "tensor")]
+    >>> test_fp8()
     """
     kv_heads = draw(st.integers(1, 3))
+    quantizes = bits is not None or quantized is not None
+    codes = (None, "token") if quantized is None else draw(st.sampled_from(tuple(quantized)))
     return CacheSpec(
         batch=draw(st.integers(1, 3)),
         q_heads=kv_heads * draw(st.integers(1, 3)),
@@ -144,16 +166,24 @@ def cache_specs(
         bits=bits,
         logit_size=draw(st.sampled_from([1.0, 30.0])),
         seed=draw(st.integers(0, 2**32 - 1)),
+        format=codes[0],
+        scales=codes[1],
+        outlier_size=draw(st.sampled_from([1.0, 8.0, 32.0])) if quantizes else 1.0,
+        layers=layers,
+        may_alias=may_alias,
     )
 
 
 def cache_features_of(spec: CacheSpec) -> frozenset[str]:
-    """The features a history exercises: prefill, decode steps, chunks, GQA, past the window."""
+    """The features a history exercises: prefill, decode steps, chunks, GQA, past the window,
+    outlier tokens, more than one layer."""
     tags = {
         "prefill": spec.steps[0] > 1,
         "decode": any(t == 1 for t in spec.steps[1:]),
         "chunks": any(t > 1 for t in spec.steps[1:]),
         "gqa": spec.q_heads > spec.kv_heads,
         "beyond_window": spec.window is not None and spec.length > spec.window + spec.sink_tokens,
+        "outliers": spec.outlier_size > 1,
+        "layers": len(spec.layer_kinds) > 1,
     }
     return frozenset(name for name, on in tags.items() if on)

@@ -33,6 +33,7 @@ import numpy as np
 from refattn.attention import attention
 from refattn.backends import Case, get, to_numpy
 from refattn.blockwise import attention_blockwise
+from refattn.testing.candidate import Result, present_arrays
 from refattn.testing.precision import SPEC, Precision, evaluate
 from refattn.testing.report import Outcome
 from refattn.testing.tolerance import TOLERANCES, ErrorBound, finite_max_abs, max_abs_error
@@ -109,9 +110,23 @@ def _finite_max(error: float, contract_error: float) -> float:
 
 def judge(start: Outcome, result: Any, arrays: dict[str, Any], scalars: dict[str, Any],
           return_lse: bool, precision: Precision = SPEC) -> Outcome:  # fmt: skip
-    """A candidate's result, ``out`` or ``(out, lse)``, against the oracle by the rule (with
-    the allowance of the candidate's ``precision`` contract)."""
-    if return_lse:
+    """A candidate's result (``out``, ``(out, lse)`` or a
+    :class:`~refattn.testing.candidate.Result`) against the oracle by the rule, with the
+    allowance of the candidate's ``precision`` contract; a Result's present K/V must equal
+    the problem's exactly, and its "don't care" rows are left out of the comparison."""
+    present = dont_care = None
+    if isinstance(result, Result):
+        out_raw, lse_raw, present, dont_care = (
+            result.out,
+            result.lse,
+            result.present,
+            result.dont_care,
+        )
+        if return_lse and lse_raw is None:
+            return start.but(message="return_lse is set, so the Result must carry lse")
+        if not return_lse and lse_raw is not None:
+            return start.but(message="return_lse is not set, so the Result must carry no lse")
+    elif return_lse:
         if not (isinstance(result, tuple | list) and len(result) == 2):
             return start.but(message="return_lse is set, so fn must return (out, lse)")
         out_raw, lse_raw = result
@@ -123,12 +138,70 @@ def judge(start: Outcome, result: Any, arrays: dict[str, Any], scalars: dict[str
     out, message = as_numpy("out", out_raw, ref_out.shape)
     if message:
         return start.but(message=message)
-    outcome = start.but(error=max_abs_error(out, ref_out), allowed=allowed.out)
+    ignored = np.zeros(ref_out.shape[:1] + ref_out.shape[2:3], dtype=bool)  # (B, Sq)
+    if dont_care is not None:
+        ignored, message = _rows(dont_care, ignored.shape)
+        if message:
+            return start.but(message=message)
+        out = np.where(ignored[:, None, :, None], ref_out, out)
+    outcome = start.but(error=max_abs_error(out, ref_out), allowed=allowed.out,
+                        ignored_rows=int(ignored.sum()))  # fmt: skip
     if lse_raw is not None:
         lse, message = as_numpy("lse", lse_raw, ref_lse.shape)
         if message:
             return outcome.but(message=message)
+        lse = np.where(ignored[:, None, :], ref_lse, lse)
         outcome = outcome.but(lse_error=max_abs_error(lse, ref_lse), lse_allowed=allowed.lse)
+    if present is not None:
+        outcome = _judge_present(outcome, present, arrays)
+    return outcome
+
+
+def _rows(dont_care: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """A candidate's "don't care" rows as (B, Sq) booleans, or a message saying why not."""
+    try:
+        rows = np.asarray(to_numpy(dont_care))
+    except Exception as exc:
+        return np.zeros(shape, dtype=bool), f"dont_care could not be read as an array: {exc!r}"
+    if rows.dtype != np.bool_ or rows.shape != shape:
+        return (
+            rows,
+            f"dont_care must be booleans of shape {shape} (B, Sq); got {rows.dtype} {rows.shape}",
+        )
+    return rows, ""
+
+
+def _judge_present(outcome: Outcome, present: Any, arrays: dict[str, Any]) -> Outcome:
+    """An in-op cache's present K/V against the problem's keys and values: equal, exactly,
+    in every held slot (``k_pos >= 0``) of the first Sk; slots past Sk are the cache's own."""
+    try:
+        pair = present_arrays(present)
+    except TypeError as exc:
+        return outcome.but(message=str(exc))
+    held = arrays["k_pos"] >= 0  # (B, Sk)
+    for name, raw in zip(("k", "v"), pair, strict=True):
+        want = arrays[name]  # (B, Hkv, Sk, D)
+        B, H, Sk, D = want.shape
+        try:
+            got = np.asarray(to_numpy(raw), dtype=np.float64)
+        except Exception as exc:
+            return outcome.but(message=f"present {name} could not be read as an array: {exc!r}")
+        if got.ndim != 4 or got.shape[:2] != (B, H) or got.shape[3] != D or got.shape[2] < Sk:
+            return outcome.but(
+                message=f"present {name} has shape {got.shape}, expected ({B}, {H}, S >= {Sk}, {D})"
+            )
+        got = got[:, :, :Sk]
+        same = (got == want) | (np.isnan(got) & np.isnan(want))  # (B, Hkv, Sk, D)
+        wrong = held[:, None, :] & ~same.all(axis=-1)  # (B, Hkv, Sk)
+        if wrong.any():
+            b, h, j = (int(i[0]) for i in np.nonzero(wrong))
+            return outcome.but(
+                finding="wrong present K/V",
+                message=f"present {name} differs from the problem's {name} in "
+                f"{int(wrong.sum())} held slots, the first row {b}, KV head {h}, slot {j} "
+                f"(k_pos {int(arrays['k_pos'][b, j])}): got {got[b, h, j, :4].tolist()}, "
+                f"expected {want[b, h, j, :4].tolist()}",
+            )
     return outcome
 
 

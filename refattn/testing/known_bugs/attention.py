@@ -20,6 +20,7 @@ from refattn.backends import to_numpy
 from refattn.backends.base import numpy_dtype, round_to
 from refattn.testing.candidate import AttentionProblem, Unsupported
 from refattn.testing.drawing import DEFAULT_FEATURES
+from refattn.testing.drawing import FEATURES as FEATURES_DRAWN
 from refattn.testing.precision import Precision
 
 Visible = Callable[[np.ndarray, np.ndarray, AttentionProblem], np.ndarray]
@@ -32,8 +33,17 @@ def positions_visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem)
     if p.causal:
         visible = visible & (k <= q)
     if p.window is not None:
-        visible = visible & (q - k < p.window)
+        visible = visible & ((q - k < p.window) | (k < p.sink_tokens))
+    if p.window_right is not None:
+        visible = visible & (k - q <= p.window_right)
     return visible
+
+
+Masked = Callable[[np.ndarray], np.ndarray]
+
+
+def _as_is(mask: np.ndarray) -> np.ndarray:
+    return mask
 
 
 def textbook(
@@ -52,14 +62,19 @@ def textbook(
     values: Callable[[np.ndarray], np.ndarray] | None = None,
     scores: str | None = None,
     sum_values_in: Any = None,
+    mask: Masked = _as_is,
+    sink_in_denominator: bool = True,
 ) -> Any:
     """Plain matmul-softmax-matmul in float32 (float64 for float64 problems), as users write it.
 
     Each keyword is a place where a kernel goes wrong; the defaults are right.
     ``product`` is the dtype q·kᵀ is multiplied in (before the scale),
     ``scores`` the dtype the scores are stored in after each step (the scale,
-    softcap, ALiBi), ``values`` what is done to V before the weighted sum, and
-    ``sum_values_in`` the dtype that sum accumulates in, key by key.
+    softcap, ALiBi), ``values`` what is done to V before the weighted sum,
+    ``sum_values_in`` the dtype that sum accumulates in, key by key, ``mask``
+    what is made of the problem's boolean mask, (B, Hq, Sq, Sk), before it is
+    applied, and ``sink_in_denominator`` whether the sink logits join the
+    softmax's denominator.
     """
 
     def stored(s: np.ndarray) -> np.ndarray:
@@ -77,6 +92,12 @@ def textbook(
     if alibi_distance is not None:
         distance = alibi_distance(q_pos, k_pos)
     seen = visible(q_pos, k_pos, p)[:, None]  # (B, 1, Sq, Sk)
+    if p.mask is not None:
+        full = (q.shape[0], Hq, q.shape[2], k.shape[2])
+        seen = seen & mask(np.broadcast_to(to_numpy(p.mask), full).copy())  # (B, Hq, Sq, Sk)
+    sink = None
+    if p.sink_logits is not None and sink_in_denominator:
+        sink = to_numpy(p.sink_logits).astype(acc).reshape(1, Hq, 1, 1)
     with np.errstate(all="ignore"):  # a float16 accumulator may overflow: that is its bug
         if product is None:
             s = q @ np.swapaxes(k, -1, -2)  # (B, Hq, Sq, Sk)
@@ -88,13 +109,19 @@ def textbook(
         if p.alibi_slopes is not None:
             slopes = to_numpy(p.alibi_slopes).astype(acc).reshape(-1, Hq, 1, 1)
             s = stored(s - slopes * distance[:, None].astype(acc))
+        if p.bias is not None:
+            s = stored(s + to_numpy(p.bias).astype(acc))
         s = np.where(seen, s, -np.inf)  # (B, Hq, Sq, Sk)
         if p.softcap is not None and softcap_after_mask:
             s = p.softcap * np.tanh(s / p.softcap)
         m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+        if sink is not None:
+            m = np.maximum(m, sink)
         m = np.where(np.isfinite(m), m, 0) if subtract_max else np.zeros_like(m)
         e = np.exp(s - m)
         z = e.sum(axis=-1, keepdims=True, dtype=acc)
+        if sink is not None:
+            z = z + np.exp(sink - m)
         if sum_values_in is None:
             out = (e @ v) / z
         else:  # key by key, rounding the running sum
@@ -113,11 +140,7 @@ def textbook(
 
 def blockwise(p: AttentionProblem) -> Any:
     """Correct: refattn's online-softmax form, in blocks of 5 keys and 3 queries."""
-    return refattn.attention_blockwise(
-        p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos, scale=p.scale,
-        window=p.window, softcap=p.softcap, alibi_slopes=p.alibi_slopes,
-        return_lse=p.return_lse, block_q=3, block_k=5,
-    )  # fmt: skip
+    return refattn.attention_blockwise(p.q, p.k, p.v, **p.options(), block_q=3, block_k=5)
 
 
 def float16_scores(p: AttentionProblem) -> Any:
@@ -138,11 +161,7 @@ float16_scores.precision = Precision(scores="input")  # type: ignore[attr-define
 
 def split_kv(p: AttentionProblem) -> Any:
     """Correct: refattn's split-KV decoding, 3 splits merged."""
-    return refattn.attention_split_kv(
-        p.q, p.k, p.v, causal=p.causal, q_pos=p.q_pos, k_pos=p.k_pos, scale=p.scale,
-        window=p.window, softcap=p.softcap, alibi_slopes=p.alibi_slopes,
-        return_lse=p.return_lse, num_splits=3,
-    )  # fmt: skip
+    return refattn.attention_split_kv(p.q, p.k, p.v, **p.options(), num_splits=3)
 
 
 # -- the wrong ones ------------------------------------------------------------
@@ -286,6 +305,57 @@ def guards_nan_not_inf(p: AttentionProblem) -> Any:
     return textbook(p, values=lambda v: np.where(np.isnan(v), 0.0, v))
 
 
+def sink_left_out_of_denominator(p: AttentionProblem) -> Any:
+    """Takes the sink logits as given but leaves them out of the softmax's denominator (and
+    so out of the lse): the row's weights sum to 1 where the sink should take its share."""
+    return textbook(p, sink_in_denominator=False)
+
+
+def _tree_block(mask: np.ndarray) -> tuple[int, int, int]:
+    """The size n of a tree mask's node block (the last n queries and key slots) and Sq,
+    Sk."""
+    Sq, Sk = mask.shape[-2:]
+    return min(Sq, Sk), Sq, Sk
+
+
+def tree_mask_transposed(p: AttentionProblem) -> Any:
+    """Reads the draft tree's ancestor matrix transposed: each node sees its descendants
+    instead of its ancestors (an ``[i, j]`` / ``[j, i]`` slip building the tree mask)."""
+
+    def transposed(mask: np.ndarray) -> np.ndarray:
+        n, Sq, Sk = _tree_block(mask)
+        block = mask[..., Sq - n :, Sk - n :]
+        mask[..., Sq - n :, Sk - n :] = np.swapaxes(block, -1, -2)
+        return mask
+
+    return textbook(p, mask=transposed)
+
+
+def document_mask_leaks(p: AttentionProblem) -> Any:
+    """A document mask whose lower bound is lost: each query also sees every key before the
+    first one its mask keeps (the earlier documents of a packed row), as a kernel that
+    bounds a document's keys by ``cu_seqlens[doc + 1]`` alone does."""
+
+    def leaky(mask: np.ndarray) -> np.ndarray:
+        first = np.argmax(mask, axis=-1)[..., None]  # (B, Hq, Sq, 1): the first key kept
+        before = np.arange(mask.shape[-1]) < first
+        return mask | (before & mask.any(axis=-1, keepdims=True))
+
+    return textbook(p, mask=leaky)
+
+
+def right_reach_off_by_one(p: AttentionProblem) -> Any:
+    """``k_pos - q_pos < window_right``: a two-sided window one key short on the right."""
+
+    def visible(q_pos: np.ndarray, k_pos: np.ndarray, p: AttentionProblem) -> np.ndarray:
+        keep = positions_visible(q_pos, k_pos, replace(p, window_right=None))
+        if p.window_right is not None:
+            keep = keep & (k_pos[:, None, :] - q_pos[:, :, None] < p.window_right)
+        return keep
+
+    return textbook(p, visible=visible)
+
+
 #: Each wrong kernel, with the dtypes its bug shows in.
 WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
     f.__name__: (f, dtypes)
@@ -308,13 +378,23 @@ WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
         (rounds_scores_to_float16, ("float16",)),
         (float16_weighted_sum, ("float16",)),
         (guards_nan_not_inf, ("float32",)),
+        (sink_left_out_of_denominator, ("float32",)),
+        (tree_mask_transposed, ("float32",)),
+        (document_mask_leaks, ("float32",)),
+        (right_reach_off_by_one, ("float32",)),
     )
 }
 #: What a wrong kernel's check draws when it is not the default features: its bug is in
 #: handling something kernels need not promise by default.
 FEATURES: dict[str, frozenset[str]] = {
     "guards_nan_not_inf": DEFAULT_FEATURES | {"unseen_nan"},
+    "sink_left_out_of_denominator": DEFAULT_FEATURES | {"sink_logits"},
+    "tree_mask_transposed": DEFAULT_FEATURES | {"tree_mask"},
+    "document_mask_leaks": DEFAULT_FEATURES | {"document_mask"},
+    "right_reach_off_by_one": DEFAULT_FEATURES | {"two_sided_window"},
 }
+#: Every feature this module's correct kernels take: all but NaN planted in unseen slots.
+EVERY_OPTION = frozenset(FEATURES_DRAWN) - {"unseen_nan"}
 #: Correct kernels written differently from the spec.
 CORRECT: dict[str, Callable[[AttentionProblem], Any]] = {
     f.__name__: f for f in (textbook, blockwise, split_kv, float16_scores)

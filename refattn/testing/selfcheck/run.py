@@ -37,7 +37,13 @@ from refattn.caches import KINDS
 from refattn.console import make_console, progress_bar, write_json
 from refattn.testing import oracle
 from refattn.testing.decoding import Step, cache_on
-from refattn.testing.drawing import ALL_FEATURES, NumpyDraws, draw_spec, draw_steps
+from refattn.testing.drawing import (
+    ALL_FEATURES,
+    MASK_FEATURES,
+    NumpyDraws,
+    draw_spec,
+    draw_steps,
+)
 from refattn.testing.problems import ProblemSpec, build_problem
 from refattn.testing.selfcheck.agreement import (
     Agreement,
@@ -85,7 +91,7 @@ def decode_spec(rng: np.random.Generator) -> tuple[ProblemSpec, list[int]]:
     """A causal self-attention sequence (maybe left padded) and a chunk schedule."""
     draws = NumpyDraws(rng)
     n = draws.integer(1, 23)
-    drawn = draw_spec(draws, SELF_CHECK_FEATURES - {"mask", "bias", "no_queries"})
+    drawn = draw_spec(draws, SELF_CHECK_FEATURES - {*MASK_FEATURES, "bias", "no_queries"})
     spec = replace(drawn, q_len=n, k_len=n, causal=True,
                    layout=draws.choice(("bottom_right", "left_padded")))  # fmt: skip
     prefill = draws.integer(0, n)
