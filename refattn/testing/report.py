@@ -8,6 +8,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+
 from refattn.testing.precision import SPEC, Precision
 from refattn.testing.problems import CacheSpec, ProblemSpec, build_problem
 
@@ -124,11 +126,13 @@ def describe(spec: ProblemSpec | CacheSpec) -> str:
         f"q (B={s.batch}, Hq={s.q_heads}, Sq={s.q_len}, D={s.head_dim}), "
         f"k (Hkv={s.kv_heads}, Sk={s.k_len}), v (Dv={s.value_dim})",
     ]
-    options = [
-        f"{name}={getattr(s, name)!r}"
-        for name in ("causal", "window", "softcap", "alibi", "scale", "return_lse", "layout")
-        if getattr(s, name) not in (None, False)
-    ]
+    names = ("causal", "window", "window_right", "sink_tokens", "softcap", "alibi", "bias",
+             "sink_logits", "scale", "return_lse", "layout", "new_keys")  # fmt: skip
+    options = [f"{n}={getattr(s, n)!r}" for n in names if getattr(s, n) not in (None, False)]
+    if s.mask:
+        options.append(f"mask={s.mask_kind!r}")
+    if s.sink_logits and s.sink_offset:
+        options.append(f"sink logits ~{s.sink_offset:g}")
     if s.logit_size != 1.0:
         options.append(f"logits ~{s.logit_size:g}")
     lines.append("options: " + (", ".join(options) if options else "none"))
@@ -136,6 +140,9 @@ def describe(spec: ProblemSpec | CacheSpec) -> str:
         problem = build_problem(s)
         lines.append(f"q_pos = {problem.q_pos.tolist()}")
         lines.append(f"k_pos = {problem.k_pos.tolist()}")
+        if problem.mask is not None and s.q_len * s.k_len <= 64:
+            first = np.broadcast_to(problem.mask, (s.batch, s.q_heads, s.q_len, s.k_len))[0, 0]
+            lines.append(f"mask[0, 0] = {first.astype(int).tolist()}")
     return "\n".join(lines)
 
 
