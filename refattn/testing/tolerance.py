@@ -240,6 +240,136 @@ def quantized_error_bound(
     return (math.expm1(min(2 * e, 50.0)) + step) * finite_max_abs(v)
 
 
+def storage_error(
+    x: np.ndarray,
+    *,
+    format: str = "int8",
+    scales: str = "token",
+    bits: int = 8,
+    dtype: str = "float32",
+) -> np.ndarray:
+    r"""How far a quantizing cache may move each stored element: a bound per element of x.
+
+    ``x`` (B, H, S, D) float64 is everything a cache is given over a history;
+    ``format`` and ``scales`` are :class:`~refattn.caches.QuantizedCache`'s.
+    The bound follows from the format, at the element's own magnitude:
+
+    - ``int8`` (``bits``-bit codes, a scale per token and head): half a step,
+      :math:`\max_d |x_d| / (2 q_{max})` over the element's vector;
+    - fp8 (:data:`~refattn.caches.quantized.FLOAT8`, :math:`m` mantissa bits,
+      least normal exponent :math:`e_{min}`): half the spacing at the
+      element's magnitude, :math:`2^{-(m+1)} |x|`, and below the least normal
+      the least spacing :math:`2^{e_{min} - m}\, s`, where :math:`s = 2 \max
+      |x| / F` over the values that share a scale (a scale up to twice the
+      least that holds them, as one raised by powers of two ends; the least
+      spacing rather than half of it, since a scale raised again rounds a
+      subnormal code again).
+
+    A value the format cannot hold under its scale (past :math:`F s`) is not
+    excused: a cache that clips it errs by more than this. On top come the
+    float32 arithmetic of the codes (two roundings) and the dequantized
+    value's rounding to ``dtype``.
+
+    >>> x = np.array([[[[1.0, -0.5, 0.25, 0.0]]]])
+    >>> storage_error(x, format="e4m3", scales="tensor").round(4).tolist()  # 2^-4 |x|
+    [[[[0.0625, 0.0313, 0.0156, 0.0]]]]
+    """
+    from refattn.caches.quantized import FLOAT8, FORMATS, SCALES
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
+    if scales not in SCALES:
+        raise ValueError(f"scales must be one of {SCALES}; got {scales!r}")
+    size = np.nan_to_num(np.abs(np.asarray(x, dtype=np.float64)), nan=0.0, posinf=0.0)
+    if format == "int8":
+        if scales != "token":
+            raise ValueError(f"scales must be 'token' for format='int8'; got {scales!r}")
+        error = size.max(axis=-1, keepdims=True, initial=0.0) / (2 * (2 ** (bits - 1) - 1))
+        error = np.broadcast_to(error, size.shape)
+    else:
+        f8 = FLOAT8[format]
+        axes = {"token": (-1,), "head": (0, 2, 3), "tensor": (0, 1, 2, 3)}[scales]
+        shared = 2 * size.max(axis=axes, keepdims=True, initial=0.0) / f8.largest
+        least_spacing = 2.0 ** (f8.min_exponent - f8.mantissa)
+        error = 2.0 ** -(f8.mantissa + 1) * size + least_spacing * shared
+    error = error + 2 * UNIT_ROUNDOFF["float32"] * size
+    return error + UNIT_ROUNDOFF[dtype] * (size + error)
+
+
+def quantized_output_bound(
+    q: np.ndarray,
+    v: np.ndarray,
+    key_error: np.ndarray,
+    value_error: np.ndarray,
+    weights: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: float | None = None,
+) -> np.ndarray:
+    r"""How far attention may move when each stored key and value is off by at most its bound.
+
+    ``key_error`` (B, Hkv, Sk, D) and ``value_error`` (B, Hkv, Sk, Dv) bound
+    each element (:func:`storage_error`); ``weights`` (B, Hq, Sq, Sk) and
+    ``out`` (B, Hq, Sq, Dv) are the reference's softmax weights (0 where a key
+    is not seen) and output. Query i's score of key j moves by at most
+    :math:`\Delta_{ij} = \text{scale} \sum_d |q_{id}|\, \epsilon^k_{jd}`, so its
+    weight :math:`p'_{ij}` lies between :math:`p_{ij} e^{-\Delta_{ij}} / Z^+_i`
+    and :math:`p_{ij} e^{\Delta_{ij}} / Z^-_i`, with :math:`Z^\pm_i = \sum_j
+    p_{ij} e^{\pm\Delta_{ij}}`. Writing :math:`o' - o = \sum_j p'_j (v'_j - v_j)
+    + \sum_j (p'_j - p_j)(v_j - o)` (the weights sum to one):
+
+    .. math::
+        |o'_{id} - o_{id}| \le \sum_j p_{ij} \left( \frac{e^{\Delta_{ij}}}{Z^-_i}
+            \epsilon^v_{jd} + w_{ij} |v_{jd} - o_{id}| \right), \qquad
+        w_{ij} = \max\left(\frac{e^{\Delta_{ij}}}{Z^-_i} - 1,\;
+            1 - \frac{e^{-\Delta_{ij}}}{Z^+_i}\right)
+
+    per output element, on top of the spec's own rounding. Unlike
+    :func:`quantized_error_bound` it follows each key's and value's own
+    bound, so a clipped outlier is not hidden by the bound of the others.
+    """
+    D = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 0.0
+    group = q.shape[1] // max(v.shape[1], 1)
+    key_error = np.repeat(np.nan_to_num(key_error), group, axis=1)  # (B, Hq, Sk, D)
+    value_error = np.repeat(np.nan_to_num(value_error), group, axis=1)  # (B, Hq, Sk, Dv)
+    v = np.repeat(np.nan_to_num(v), group, axis=1)
+    p = np.nan_to_num(weights)  # (B, Hq, Sq, Sk)
+    moved = np.minimum(abs(scale) * np.abs(np.nan_to_num(q)) @ np.swapaxes(key_error, -1, -2), 50.0)
+    low = (p * np.exp(-moved)).sum(axis=-1, keepdims=True)  # (B, Hq, Sq, 1)
+    high = (p * np.exp(moved)).sum(axis=-1, keepdims=True)
+    low, high = np.where(low > 0, low, 1.0), np.where(high > 0, high, 1.0)  # rows seeing no key
+    up, down = np.exp(moved) / low, np.exp(-moved) / high
+    w = np.maximum(up - 1, 1 - down)  # (B, Hq, Sq, Sk)
+    spread = np.abs(v[:, :, None, :, :] - np.nan_to_num(out)[:, :, :, None, :])  # (.., Sk, Dv)
+    return (p * up) @ value_error + np.einsum("bhij,bhijd->bhid", p * w, spread)
+
+
+def worst_element(candidate: Any, reference: Any, bound: np.ndarray) -> tuple[float, float]:
+    """``|candidate - reference|`` and ``bound`` at the element where the error exceeds its
+    bound the most (as :func:`max_abs_error` counts errors): the error to report, and what
+    is allowed there on top of the tolerance rule.
+
+    >>> worst_element(np.array([1.0, 2.0]), np.array([1.5, 2.5]), np.array([0.4, 0.6]))
+    (0.5, 0.4)
+    """
+    a = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"candidate has shape {a.shape} but reference has {b.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    with np.errstate(invalid="ignore"):  # inf - inf: an infinite error where it is allowed
+        excess = np.nan_to_num(diff - bound, nan=np.inf)
+    at = np.unravel_index(int(np.argmax(excess)), excess.shape)
+    return float(diff[at]), float(np.broadcast_to(bound, diff.shape)[at])
+
+
 #: ``np.allclose``'s rtol and atol for two runs of one computation in the same dtype,
 #: in machine epsilons: outputs of order 1, which rounding moves by a few epsilons
 #: (the seed experiment's cached and uncached passes).
