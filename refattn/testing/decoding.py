@@ -14,11 +14,28 @@ causal attention over the whole history.
 A cache's ``update`` may return ``(k, v, k_pos)`` or ``(k, v)`` (slots in
 position order, ``0 .. n-1``); only a schedule with a ragged step passes
 ``n_new`` to it.
+
+:func:`decode_layers` drives several layers through the same steps, as a
+model does: at each step every layer in turn appends its own keys and
+values and attends, each through its own window.
+
+**Aliasing.** A cache may hand back arrays that share memory with the
+caller's ``k_new`` or ``v_new`` (a dynamic cache whose first update returns
+the input itself). Whether that is allowed is the caller's contract: with
+``may_alias=False`` it is reported as its own finding,
+:data:`ALIASES`, before any value is compared; with ``may_alias=True`` the
+caller gives those buffers up to the cache and does not scribble on them.
+Sharing is read from the arrays themselves (``np.shares_memory`` on NumPy,
+the storage on PyTorch, the allocation on CuPy); for another library whose
+arrays can be written it is seen by what the scribbling does to what was
+returned. A cache that keeps a view of the inputs and returns it later,
+after the caller rewrote them, returns NaN: wrong values, either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +54,34 @@ def uniform_steps(sizes: Sequence[int], batch: int) -> list[Step]:
     return [(T, [T] * batch) for T in sizes]
 
 
+#: The finding of a cache that returned arrays sharing memory with the caller's input.
+ALIASES = "aliases the caller's input"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a decoding: how its cache appends, its history, how its queries attend.
+
+    ``update(k_new, v_new)`` (or ``update(k_new, v_new, n_new)`` on a ragged
+    step) appends and returns what the cache's ``update`` does; ``arrays``
+    holds the layer's float64 ``q, k, v`` (B, H, S, D), rounded to the case's
+    dtype; ``options`` are keyword arguments of attention on top of causal
+    (a window, sink tokens, a scale: NumPy arrays are moved to the backend).
+    """
+
+    update: Callable[..., Any]
+    arrays: dict[str, np.ndarray]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """What a cache returned could not be judged: why, and the finding when it is one."""
+
+    message: str
+    finding: str = ""
+
+
 def decode(
     cache: Any,
     case: Case,
@@ -44,6 +89,7 @@ def decode(
     steps: Sequence[Step],
     *,
     encode: Encode | None = None,
+    may_alias: bool = False,
     **options: Any,
 ) -> np.ndarray | str:
     """Feed each row's tokens through ``steps``; return the real tokens' outputs.
@@ -57,6 +103,8 @@ def decode(
     steps : ``(T, n_new)`` per step
     encode : ``encode(name, x, positions)`` may transform q and k at their
         absolute positions before they are used (RoPE)
+    may_alias : whether the cache may return the caller's own arrays (see the
+        module docstring)
     **options : for attention, on top of what a refattn cache implies
         (``cache.attention_options``): the window someone else's cache keeps,
         scale, softcap, ALiBi slopes (NumPy arrays are moved to the case's backend)
@@ -66,39 +114,113 @@ def decode(
     (B, Hq, S, Dv) float64 NumPy, NaN where a row's schedule ended early; or,
     when the cache returned something unusable, a message saying what.
     """
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    B, Hq, S, _ = q.shape
+    implied = getattr(cache, "attention_options", {})  # a refattn cache says how to attend to it
+    layer = Layer(cache.update, arrays, {**implied, **options})
+    result = decode_layers([layer], case, steps, encode=encode, may_alias=may_alias)
+    if isinstance(result, Unusable):
+        return f"{result.finding}: {result.message}" if result.finding else result.message
+    return result[0]
+
+
+def decode_layers(
+    layers: Sequence[Layer],
+    case: Case,
+    steps: Sequence[Step],
+    *,
+    encode: Encode | None = None,
+    may_alias: bool = False,
+) -> list[np.ndarray] | Unusable:
+    """Feed every layer's tokens through ``steps``, layer after layer at each step; return
+    each layer's outputs, (B, Hq, S, Dv) float64 NumPy (NaN where a row's schedule ended
+    early), or why what a cache returned cannot be judged (naming the layer when there are
+    several)."""
     backend = case.backend
 
     def on_backend(x: np.ndarray) -> Any:
         return backend.asarray(np.ascontiguousarray(x), dtype=case.dtype, device=case.device)
 
-    implied = getattr(cache, "attention_options", {})  # a refattn cache says how to attend to it
-    attend = {n: on_backend(x) if isinstance(x, np.ndarray) else x
-              for n, x in {**implied, **options}.items()}  # fmt: skip
-    out = np.full((B, Hq, S, v.shape[-1]), np.nan)
+    def named(at: int, text: str) -> str:
+        return f"layer {at}: {text}" if len(layers) > 1 else text
+
+    attend = [{n: on_backend(x) if isinstance(x, np.ndarray) else x
+               for n, x in layer.options.items()} for layer in layers]  # fmt: skip
+    B, Hq, S, _ = layers[0].arrays["q"].shape
+    outs = [np.full((B, Hq, S, layer.arrays["v"].shape[-1]), np.nan) for layer in layers]
     taken = [0] * B
-    for T, n in steps:
+    for i, (T, n) in enumerate(steps):
         positions = np.array([t + np.arange(T) for t in taken], dtype=np.int64)  # (B, T)
-        chunk = {name: _next_tokens(x, taken, n, T) for name, x in (("q", q), ("k", k), ("v", v))}
-        if encode is not None:
-            chunk = {name: encode(name, x, positions) if name != "v" else x
-                     for name, x in chunk.items()}  # fmt: skip
-        q_new, k_new, v_new = (on_backend(chunk[name]) for name in ("q", "k", "v"))
         ragged = any(m != T for m in n)
-        returned = cache.update(k_new, v_new, n) if ragged else cache.update(k_new, v_new)
-        _scribble(k_new, v_new)  # the caller reuses its buffers
-        seen = _returned_slots(returned, B)
-        if isinstance(seen, str):
-            return seen
-        k_all, v_all, k_pos = seen
-        step_out = attention(q_new, k_all, v_all, causal=True, q_pos=on_backend(positions),
-                             k_pos=on_backend(k_pos), **attend)  # fmt: skip
-        result = to_numpy(step_out)
-        for b in range(B):
-            out[b, :, taken[b] : taken[b] + n[b]] = result[b, :, : n[b]]
-            taken[b] += n[b]
-    return out
+        for at, layer in enumerate(layers):
+            chunk = {name: _next_tokens(layer.arrays[name], taken, n, T) for name in "qkv"}
+            if encode is not None:
+                chunk = {name: encode(name, x, positions) if name != "v" else x
+                         for name, x in chunk.items()}  # fmt: skip
+            q_new, k_new, v_new = (on_backend(chunk[name]) for name in "qkv")
+            returned = layer.update(k_new, v_new, n) if ragged else layer.update(k_new, v_new)
+            seen = _returned_slots(returned, B)
+            if isinstance(seen, str):
+                return Unusable(named(at, seen))
+            k_all, v_all, k_pos = seen
+            inputs = {"k_new": k_new, "v_new": v_new}
+            shared = _aliased({"k": k_all, "v": v_all}, inputs)
+            if shared and not may_alias:
+                pairs = " and ".join(f"{o} sharing memory with the caller's {x}" for o, x in shared)
+                text = (
+                    f"update returned {pairs} at step {i}: a caller that reuses them rewrites them"
+                )
+                return Unusable(named(at, text), finding=ALIASES)
+            before = _readable(k_all, v_all) if shared is None else None
+            given_up = {x for _, x in shared or ()}  # buffers the caller leaves to the cache
+            _scribble(*(x for name, x in inputs.items() if name not in given_up))
+            if before is not None and not may_alias and _readable(k_all, v_all) != before:
+                text = (
+                    f"what update returned at step {i} changed when the caller rewrote its inputs"
+                )
+                return Unusable(named(at, text), finding=ALIASES)
+            step_out = attention(q_new, k_all, v_all, causal=True, q_pos=on_backend(positions),
+                                 k_pos=on_backend(k_pos), **attend[at])  # fmt: skip
+            result = to_numpy(step_out)
+            for b in range(B):
+                outs[at][b, :, taken[b] : taken[b] + n[b]] = result[b, :, : n[b]]
+        taken = [t + m for t, m in zip(taken, n, strict=True)]
+    return outs
+
+
+def _aliased(returned: dict[str, Any], inputs: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """The (returned, input) names of the pairs that share memory; None when the library
+    gives no way to tell."""
+    pairs = []
+    for out_name, out in returned.items():
+        for in_name, x in inputs.items():
+            shares = _shares_memory(out, x)
+            if shares is None:
+                return None
+            if shares:
+                pairs.append((out_name, in_name))
+    return pairs
+
+
+def _shares_memory(a: Any, b: Any) -> bool | None:
+    """Whether two arrays share memory: NumPy's own test, PyTorch's storage, CuPy's
+    allocation; None for a library without one (array-api-strict hides its arrays: a caller
+    cannot write them, so sharing cannot hurt and is reported as none)."""
+    library = type(b).__module__.split(".")[0]
+    if type(a).__module__.split(".")[0] != library:
+        return False  # a cache that moved the arrays to another library copied them
+    if library == "numpy":
+        return bool(np.shares_memory(a, b))
+    if library == "torch":
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    if library == "cupy":
+        return bool(a.data.mem.ptr == b.data.mem.ptr)
+    if library == "array_api_strict":
+        return False
+    return None
+
+
+def _readable(*arrays: Any) -> list[bytes]:
+    """The arrays' contents, to see whether writing the caller's inputs changed them."""
+    return [np.asarray(to_numpy(x), dtype=np.float64).tobytes() for x in arrays]
 
 
 def _next_tokens(x: np.ndarray, taken: list[int], n: list[int], T: int) -> np.ndarray:
