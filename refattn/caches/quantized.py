@@ -106,14 +106,19 @@ class QuantizedCache(StaticCache):
     >>> fp8 = QuantizedCache(batch=1, kv_heads=1, head_dim=4, max_len=8, format="e4m3",
     ...                      scales="tensor")
     >>> _ = fp8.update(x, x)
-    >>> fp8.key_codes.dtype.name, fp8.key_scales.shape, round(448 * float(fp8.key_scales[0, 0, 0, 0]), 6)
-    ('float8_e4m3fn', (1, 1, 1, 1), 1.0)
+    >>> fp8.key_codes.dtype.name, fp8.key_scales.shape
+    ('float8_e4m3fn', (1, 1, 1, 1))
+    >>> round(448 * float(fp8.key_scales[0, 0, 0, 0]), 6)  # max |x| / 448
+    1.0
     >>> k, v, k_pos = fp8.update(8 * x, 8 * x)
     >>> k[0, 0, :, 0].tolist(), round(448 * float(fp8.key_scales[0, 0, 0, 0]), 6)
     ([1.0, 8.0], 8.0)
     """
 
     STORAGE: ClassVar[tuple[str, ...]] = ("key_codes", "value_codes", "key_scales", "value_scales")
+    #: The code formats and scale groupings it takes (what ``check_cache`` draws from).
+    FORMATS: ClassVar[tuple[str, ...]] = FORMATS
+    SCALES: ClassVar[tuple[str, ...]] = SCALES
 
     def __init__(
         self,
@@ -193,8 +198,8 @@ class QuantizedCache(StaticCache):
         """The shared scale (1, H or 1, 1, 1) after an update of x (B, H, T, D) whose row b
         has ``n[b]`` real tokens: the first update's, then raised by powers of two."""
         xp = self.xp
-        T = x.shape[2]
-        real = xp.arange(T, device=self.device)[None, :] < xp.asarray(n, device=self.device)[:, None]
+        slot = xp.arange(x.shape[2], device=self.device)[None, :]  # (1, T)
+        real = slot < xp.asarray(n, device=self.device)[:, None]  # (B, T)
         size = xp.astype(xp.abs(x), xp.float32)
         size = xp.where(real[:, None, :, None] & xp.isfinite(size), size, xp.zeros_like(size))
         axes = (0, 2, 3) if self.scales == "head" else (0, 1, 2, 3)
