@@ -3,13 +3,15 @@
 Runs ``check_attention`` on every wrong kernel of ``refattn.testing.known_bugs.attention``
 and ``check_cache`` on every wrong cache of ``refattn.testing.known_bugs.caches``,
 once per seed, with the default number of examples (each wrong kernel with the
-features its bug needs: ``known_bugs.attention.FEATURES``), and prints for each
+features its bug needs: ``known_bugs.KERNEL_FEATURES``), and prints for each
 the number of seeds on which it was caught and the median and largest number of
 problems drawn up to the first failure. The search stops there and does not
 shrink (``max_failures=1``, no shrinking budget): what is measured is how soon a
 bug is found. Correct kernels and caches, among them one that declares float16
 scores (``float16_scores``, judged by its own precision contract), run the full
-search in four dtypes on the same seeds and must never fail.
+search in four dtypes on the same seeds and must never fail, once with the
+default features and once with every option a problem has (``EVERY_OPTION``:
+masks, bias, sinks, two-sided windows, latent shapes, in-op splits).
 
     python benchmarks/verifier_catch_rates.py --seeds 20
 """
@@ -26,10 +28,10 @@ from typing import Any
 
 import refattn.testing.search
 from refattn.testing import Report, check_attention, check_cache
-from refattn.testing.known_bugs import CORRECT_CACHES, WRONG_CACHES
+from refattn.testing.known_bugs import CORRECT_CACHES, EVERY_OPTION, WRONG_CACHES
 from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
+from refattn.testing.known_bugs import KERNEL_FEATURES as FEATURES
 from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
-from refattn.testing.known_bugs.attention import FEATURES
 
 
 def catch_row(name: str, check: Callable[[int], Report], seeds: range) -> str:
@@ -62,17 +64,28 @@ def _cache_report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
-    seeds = range(parser.parse_args().seeds)
+    parser.add_argument("--only", default="", help="comma-separated parts of the names to run")
+    args = parser.parse_args()
+    seeds = range(args.seeds)
+    wanted = [part for part in args.only.split(",") if part]
+
+    def chosen(name: str) -> bool:
+        return not wanted or any(part in name for part in wanted)
+
     print("| wrong kernel or cache | caught | median examples | most examples | seconds |")
     print("| --- | ---: | ---: | ---: | ---: |")
     shrink_budget = refattn.testing.search.SHRINK_BUDGET
     refattn.testing.search.SHRINK_BUDGET = 0  # how soon a bug is found, not how it shrinks
     for name, (fn, dtypes) in WRONG.items():
+        if not chosen(name):
+            continue
         check: Callable[[int], Report] = partial(
             _attention_report, fn, dtypes, first=True, features=FEATURES.get(name)
         )
         print(catch_row(name, check, seeds), flush=True)
     for name, factory in WRONG_CACHES.items():
+        if not chosen(f"cache: {name}"):
+            continue
         check = partial(_cache_report, factory, ("float32",), first=True)
         print(catch_row(f"cache: {name}", check, seeds), flush=True)
     refattn.testing.search.SHRINK_BUDGET = shrink_budget
@@ -80,9 +93,12 @@ def main() -> None:
     print("| correct kernel or cache | flagged |")
     print("| --- | ---: |")
     dtypes = ("float64", "float32", "float16", "bfloat16")
-    correct: dict[str, Callable[[int], Report]] = {
-        name: partial(_attention_report, fn, dtypes) for name, fn in CORRECT.items()
-    }
+    correct: dict[str, Callable[[int], Report]] = {}
+    for name, fn in CORRECT.items():
+        correct[name] = partial(_attention_report, fn, dtypes)
+        correct[f"{name}, every option"] = partial(
+            _attention_report, fn, dtypes, features=EVERY_OPTION
+        )
     for name, factory in CORRECT_CACHES.items():
         correct[f"cache: {name}"] = partial(_cache_report, factory, ("float32", "float16"))
     if importlib.util.find_spec("torch") is not None:
@@ -90,6 +106,8 @@ def main() -> None:
 
         correct["torch_sdpa"] = partial(_attention_report, torch_sdpa, dtypes)
     for name, check in correct.items():
+        if not chosen(name):
+            continue
         flagged: list[Any] = [s for s in seeds if not check(s).passed]
         print(f"| {name} | {len(flagged)}/{len(seeds)} |", flush=True)
 

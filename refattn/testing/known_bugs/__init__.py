@@ -11,12 +11,18 @@ see what a failure report looks like::
     refattn verify --candidate refattn.testing.known_bugs.attention:causal_excludes_diagonal
 
 :data:`WRONG_KERNELS` maps each wrong kernel's name to the kernel and the
-dtypes its bug shows in; :data:`CORRECT_KERNELS`, :data:`WRONG_CACHES` and
-:data:`CORRECT_CACHES` the others.
+dtypes its bug shows in, :data:`KERNEL_FEATURES` to the features its check
+draws where those are not the defaults (its bug is in something a kernel need
+not have by default); :data:`CORRECT_KERNELS`, :data:`WRONG_CACHES` and
+:data:`CORRECT_CACHES` the others. The correct kernels take every option the
+problem has: their checks draw :data:`EVERY_OPTION`.
 """
 
 from refattn.testing.known_bugs.attention import CORRECT as CORRECT_KERNELS
+from refattn.testing.known_bugs.attention import EVERY_OPTION
+from refattn.testing.known_bugs.attention import FEATURES as KERNEL_FEATURES
 from refattn.testing.known_bugs.attention import WRONG as WRONG_KERNELS
 from refattn.testing.known_bugs.caches import CORRECT_CACHES, WRONG_CACHES
 
-__all__ = ["CORRECT_CACHES", "CORRECT_KERNELS", "WRONG_CACHES", "WRONG_KERNELS"]
+__all__ = ["CORRECT_CACHES", "CORRECT_KERNELS", "EVERY_OPTION", "KERNEL_FEATURES",
+           "WRONG_CACHES", "WRONG_KERNELS"]  # fmt: skip
