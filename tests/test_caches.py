@@ -469,7 +469,7 @@ def test_fork_shares_blocks_and_copies_on_write() -> None:
 def test_int8_cache_holds_at_most_055_of_a_float16_static_cache(head_dim: int) -> None:
     from refattn import QuantizedCache, StaticCache
 
-    shape = {"batch": 2, "kv_heads": 4, "head_dim": head_dim, "max_len": 100}
+    shape: dict[str, Any] = {"batch": 2, "kv_heads": 4, "head_dim": head_dim, "max_len": 100}
     quantized = QuantizedCache(**shape, bits=8, dtype=np.float16)
     static = StaticCache(**shape, dtype=np.float16)
     assert static.nbytes == 2 * 2 * 4 * 100 * head_dim * 2

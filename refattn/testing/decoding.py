@@ -240,9 +240,9 @@ def _returned_slots(returned: Any, batch: int) -> tuple[Any, Any, np.ndarray] | 
     if len(returned) == 3:
         k_pos = np.asarray(to_numpy(returned[2])).astype(np.int64)
         if k_pos.ndim == 1:
-            k_pos = np.broadcast_to(k_pos, (batch, n))
+            k_pos = np.array(np.broadcast_to(k_pos, (batch, n)))  # writable: torch takes it
     else:
-        k_pos = np.broadcast_to(np.arange(n), (batch, n))
+        k_pos = np.tile(np.arange(n), (batch, 1))
     if k_pos.shape != (batch, n):
         return f"k_pos has shape {k_pos.shape}, expected {(batch, n)} for {n} slots"
     return k_all, v_all, k_pos
