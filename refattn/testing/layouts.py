@@ -298,7 +298,7 @@ def unpack_keys(packed: Varlen) -> tuple[Any, Any, Any]:
     k, v = (xp.permute_dims(xp.reshape(_take_rows(xp, x, source, fill=0.0),
                                        (B, Sk, *x.shape[1:])), (0, 2, 1, 3))
             for x in (packed.k, packed.v))  # fmt: skip
-    k_pos = np.where(source >= 0, _host(packed.k_pos)[np.maximum(source, 0)], -1)
+    k_pos = _gather_positions(_host(packed.k_pos)[None], source[None])
     return k, v, _on(xp, k_pos.reshape(B, Sk), device_of(packed.k))
 
 
@@ -400,7 +400,7 @@ def page_kv(
                    (num_blocks, P, *x.shape[1:2], x.shape[3]))
         for x in (k, v)
     )  # fmt: skip
-    positions = np.where(k_index >= 0, np.take_along_axis(k_pos, np.maximum(k_index, 0), 1), -1)
+    positions = _gather_positions(k_pos, k_index)  # (B, logical)
     dev = device_of(k)
     return Paged(
         k_cache=k_pages, v_cache=v_pages,
@@ -563,8 +563,9 @@ class InOpCache:
     new tokens' keys and values it must write into it and attend over.
 
     The new tokens are the last ``n`` held slots of each row
-    (``problem.new_keys``); the past cache is the problem's keys with those
-    slots emptied (holding ``fill``, with ``past_pos = -1``). Writing the new
+    (``problem.new_keys``); the past cache is the problem's keys and values
+    with those slots emptied (holding ``fill``, with ``past_pos = -1``; the
+    problem's empty slots keep what they hold). Writing the new
     keys at ``new_slots`` (:func:`append_new`) makes the present: the
     problem's ``k`` and ``v`` in every held slot, which the verifier checks.
     """
@@ -614,7 +615,8 @@ def in_op_cache(problem: Any, n: int | None = None, *, fill: float = math.nan) -
     new_slots = new_slots.reshape(B, n).astype(np.int64)
     past_pos = k_pos.copy()
     np.put_along_axis(past_pos, new_slots, -1, axis=1)
-    past_source = np.where(past_pos >= 0, np.arange(B)[:, None] * Sk + np.arange(Sk), -1)
+    past_source = np.arange(B)[:, None] * Sk + np.arange(Sk)  # the problem's own slots...
+    np.put_along_axis(past_source, new_slots, -1, axis=1)  # ...but the new tokens' hold fill
     new_source = (np.arange(B)[:, None] * Sk + new_slots).reshape(-1)
     dev = device_of(k)
 
@@ -683,6 +685,12 @@ def _on(xp: Any, x: np.ndarray, device: Any) -> Any:
 
 def _host(x: Any) -> np.ndarray:
     return np.asarray(to_numpy(x)).astype(np.int64)
+
+
+def _gather_positions(k_pos: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``k_pos[b, index[b, t]]``, or -1 where the index is -1 (``k_pos`` may have no slots)."""
+    padded = np.concatenate([k_pos, np.full((k_pos.shape[0], 1), -1, dtype=np.int64)], axis=1)
+    return np.take_along_axis(padded, np.where(index < 0, k_pos.shape[1], index), axis=1)
 
 
 def _prefix_sum(counts: np.ndarray) -> np.ndarray:
