@@ -33,8 +33,8 @@ from refattn.testing import (
 from refattn.testing.drawing import DEFAULT_FEATURES, FEATURES, features_of
 from refattn.testing.known_bugs import CORRECT_CACHES, WRONG_CACHES
 from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
+from refattn.testing.known_bugs import KERNEL_FEATURES as WRONG_FEATURES
 from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
-from refattn.testing.known_bugs.attention import FEATURES as WRONG_FEATURES
 from refattn.testing.known_bugs.attention import textbook
 from refattn.testing.report import size
 from refattn.testing.strategies import append_schedules, attention_specs, ragged_schedules
@@ -117,7 +117,7 @@ def test_every_wrong_kernel_is_caught_with_a_shrunk_reproducer(name: str) -> Non
         assert isinstance(o.spec, ProblemSpec)
         assert check_problem(fn, o.spec, backend=o.backend, dtype=o.dtype).failed
         code = failure.to_code()
-        assert f"from refattn.testing.known_bugs.attention import {name}" in code
+        assert f"from {fn.__module__} import {name}" in code
         with pytest.raises(AssertionError):
             exec(code, {})
         # Shrinking made it no bigger than it was found.
@@ -128,7 +128,9 @@ def test_every_wrong_kernel_is_caught_with_a_shrunk_reproducer(name: str) -> Non
 def test_correct_kernels_written_differently_pass(name: str) -> None:
     report = check_attention(CORRECT[name], dtypes=("float64", "float32", "float16", "bfloat16"))
     assert report.passed, report
-    assert report.supported("float32") == 200
+    # Only left padding cannot say every problem: rows not numbered from 0.
+    assert report.supported("float32") == 200 or name == "left_padded_textbook", report
+    assert report.supported("float32") >= 50, report
 
 
 @pytest.mark.parametrize("backend", ["array_api_strict", "torch"])

@@ -1,7 +1,9 @@
 """Kernels and caches with one realistic bug each, and correct ones written differently.
 
 Every wrong kernel (:mod:`.attention`) is a textbook attention with one line
-changed the way kernel authors get it wrong; every wrong cache
+changed the way kernel authors get it wrong, or (:mod:`.layouts`) a textbook
+kernel on a layout kernels take (packed rows, pages, an in-op cache) with one
+slip in reading it; every wrong cache
 (:mod:`.caches`) a small cache as users write one, with one mistake. Each bug
 has been reported against some real library. ``check_attention`` and
 ``check_cache`` must fail every wrong one and pass the correct ones, which is
@@ -18,11 +20,13 @@ not have by default); :data:`CORRECT_KERNELS`, :data:`WRONG_CACHES` and
 problem has: their checks draw :data:`EVERY_OPTION`.
 """
 
-from refattn.testing.known_bugs.attention import CORRECT as CORRECT_KERNELS
+from refattn.testing.known_bugs import attention, layouts
 from refattn.testing.known_bugs.attention import EVERY_OPTION
-from refattn.testing.known_bugs.attention import FEATURES as KERNEL_FEATURES
-from refattn.testing.known_bugs.attention import WRONG as WRONG_KERNELS
 from refattn.testing.known_bugs.caches import CORRECT_CACHES, WRONG_CACHES
+
+WRONG_KERNELS = {**attention.WRONG, **layouts.WRONG}
+KERNEL_FEATURES = {**attention.FEATURES, **layouts.FEATURES}
+CORRECT_KERNELS = {**attention.CORRECT, **layouts.CORRECT}
 
 __all__ = ["CORRECT_CACHES", "CORRECT_KERNELS", "EVERY_OPTION", "KERNEL_FEATURES",
            "WRONG_CACHES", "WRONG_KERNELS"]  # fmt: skip
