@@ -69,7 +69,9 @@ class Constraints:
         multiples of ``head_dim_multiple`` closest to them, in the same order.
 
         >>> Constraints(head_dim_multiple=16, max_head_dim=64).head_dims((8, 1, 16, 40, 64, 80))
-        (16, 64, 48, 32)
+        (16, 64)
+        >>> Constraints(head_dim_multiple=96).head_dims((8, 64, 128))
+        (96,)
         """
         allowed = tuple(d for d in dims if self._allows_dim(d))
         if allowed:
