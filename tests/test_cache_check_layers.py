@@ -18,7 +18,7 @@ import pytest
 import refattn
 from refattn.testing import CacheSpec, check_cache, check_schedule
 from refattn.testing.decoding import ALIASES
-from refattn.testing.known_bugs.caches import KeepsViews, ListCache, ReturnsInputFirst
+from refattn.testing.known_bugs.caches import DecodeOnly, KeepsViews, ListCache, ReturnsInputFirst
 
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
 
@@ -228,3 +228,21 @@ def test_transformers_dynamic_cache_with_a_sliding_layer_from_its_config() -> No
     report = check_cache(WithPositions, backend="torch", window=4, layers=("full", "sliding"),
                          config=config, max_examples=20, seed=0)  # fmt: skip
     assert report.passed, report
+
+
+def configured_decode_only(*, config: Any, block: Any, **common: Any) -> Any:
+    """A wrong cache (keeps one token per step) behind a factory with a config and a keyword."""
+    return DecodeOnly(**common)
+
+
+def test_a_reproducer_carries_the_cache_kwargs_and_says_where_a_config_goes() -> None:
+    report = check_cache(configured_decode_only, config=object(), cache_kwargs={"block": [3]},
+                         max_examples=30, seed=0, max_failures=1)  # fmt: skip
+    assert not report.passed
+    code = report.to_code()
+    assert "cache_kwargs = {'block': [3]}" in code and "cache_kwargs=cache_kwargs" in code
+    assert "config = ...  # the config given to the check: not printable" in code
+    printable = check_cache(configured_decode_only, config={"layers": 2}, cache_kwargs={"block": 3},
+                            max_examples=30, seed=0, max_failures=1)  # fmt: skip
+    with pytest.raises(AssertionError):  # the reproducer runs, and fails as the check did
+        exec(printable.to_code(), {})

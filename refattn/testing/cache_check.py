@@ -450,4 +450,21 @@ def check_cache(
                corners=lambda spec: frozenset(), max_failures=max_failures)  # fmt: skip
         if report.unavailable:
             break
+    arguments = {"config": _code(config), "cache_kwargs": _code(cache_kwargs)}
+    for failure in report.failures:
+        failure.arguments = {
+            name: code for name, code in arguments.items()
+            if (config if name == "config" else cache_kwargs) is not None
+        }  # fmt: skip
     return report
+
+
+def _code(value: Any) -> str:
+    """``repr(value)`` where it reads back as the same value (plain data), else ""."""
+    import ast
+
+    text = repr(value)
+    try:
+        return text if ast.literal_eval(text) == value else ""
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return ""

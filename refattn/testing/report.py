@@ -167,6 +167,9 @@ class Failure:
     common_features: frozenset[str] = frozenset()  #: features every one of those draws had
     common_corners: frozenset[str] = frozenset()  #: shape corners every one of them had
     precision: Precision = SPEC  #: the precision contract the candidate was judged by
+    #: More keyword arguments the reproducer's check needs (``check_cache``'s ``config`` and
+    #: ``cache_kwargs``): name to its code, or to "" where it cannot be written as code.
+    arguments: dict[str, str] = field(default_factory=dict)
 
     @property
     def symptom(self) -> str:
@@ -186,6 +189,11 @@ class Failure:
         name, source = _import_line(self.candidate, self.source)
         contract = [] if self.precision == SPEC else [f"precision={self.precision!r}"]
         imports = ["from refattn.testing.precision import Precision"] if contract else []
+        given = []
+        for argument, code in self.arguments.items():
+            contract.append(f"{argument}={argument}")
+            unprintable = f"{argument} = ...  # the {argument} given to the check: not printable"
+            given.append(f"{argument} = {code}" if code else unprintable)
         return "\n".join(
             [
                 f"# Shrunk by refattn.testing.{'check_cache' if cache else 'check_attention'}: {o}",
@@ -193,6 +201,7 @@ class Failure:
                 *imports,
                 *source,
                 "",
+                *given,
                 f"spec = {spec_code(o.spec)}",
                 f"outcome = {check}({name}, spec, backend={o.backend!r}, "
                 f"dtype={o.dtype!r}, device={o.device!r}{''.join(', ' + c for c in contract)})",
