@@ -10,54 +10,54 @@ the randomness comes from is a separate question, answered by a
 ``features`` narrows what is drawn. A feature left out is never drawn; every
 feature named may be:
 
-================  =============================================================
-feature           what it draws
-================  =============================================================
-``causal``        causal masking (otherwise every problem is non-causal)
-``gqa``           several query heads per KV head (1 to 4 groups)
-``positions``     positions other than the defaults: top-left alignment, rows
-                  whose queries sit at different positions
-``empty_slots``   key slots with ``k_pos = -1`` (padding, holes, empty ring
-                  slots), so also fully masked rows and Sk = 0
-``ragged``        per-row lengths: row b holds its own number of keys, then
-                  empty slots (``cache_seqlens``) or after left padding
-``window``        a sliding window, including its edges ``q - k = W - 1, W``
-``softcap``       tanh soft-capping of the scores, caps from 0.5 to 50
-``alibi``         ALiBi slopes, per head or per (batch, head)
-``lse``           the log-sum-exp is asked for as well
-``long``          rows of 64 to 4096 keys (half of them 2048 or more), where
-                  low-precision sums drift, mostly with values around a mean
-                  of 2 (a float16 accumulator loses such terms past a few
-                  thousand keys)
-``tiles``         Sk, and often Sq, at the tile sizes kernels use (16, 32, 64,
-                  128, 256) and one either side, where a kernel that drops its
-                  last partial tile fails
-``large_logits``  scores near 1e4, which overflow a softmax without max
-                  subtraction; with D >= 8 the unscaled q.k passes float16's
-                  65504 while the scaled score does not
-``unseen_nan``    NaN, +inf or -inf (:data:`~refattn.testing.problems.UNSEEN_VALUES`)
-                  in every slot no query may see (off by default: only kernels
-                  that never read such slots, as flash-attn's ``cache_seqlens``
-                  or a paged kernel, can promise this)
-``mask``          a random boolean mask (True keeps), per head, per row or shared
-``tree_mask``     speculative decoding's tree mask: each draft token sees the
-                  prefix, its ancestors and itself, at positions numbered by depth
-``document_mask`` packed rows of several documents, each query seeing only its
-                  own document, positions restarting in each
-``prefix_lm``     a prefix every query sees, causal after it (as a mask)
-``bias``          an additive float bias, per head or per row
-``sink_logits``   one sink logit per head in the softmax denominator, some large
-                  enough (8, 30) to dominate the row
-``sink_tokens``   the first 1 to 3 positions kept visible through a window
-``two_sided_window``  a window's right reach :math:`R` (``window_right``), keys
-                  up to R positions after the query visible, with or without a
-                  left window (with ``window``)
-``latent``        latent attention's shapes: D = 576, Dv = 512, one KV head
-``mqa``           one KV head shared by 5 to 16 query heads
-``in_op_cache``   the split of the keys into an in-op cache's past and new ones
-                  (``problem.new_keys``) anywhere in the row, not just at the
-                  queries
-================  =============================================================
+======================  =============================================================
+feature                 what it draws
+======================  =============================================================
+``causal``              causal masking (otherwise every problem is non-causal)
+``gqa``                 several query heads per KV head (1 to 4 groups)
+``positions``           positions other than the defaults: top-left alignment, rows
+                        whose queries sit at different positions
+``empty_slots``         key slots with ``k_pos = -1`` (padding, holes, empty ring
+                        slots), so also fully masked rows and Sk = 0
+``ragged``              per-row lengths: row b holds its own number of keys, then
+                        empty slots (``cache_seqlens``) or after left padding
+``window``              a sliding window, including its edges ``q - k = W - 1, W``
+``softcap``             tanh soft-capping of the scores, caps from 0.5 to 50
+``alibi``               ALiBi slopes, per head or per (batch, head)
+``lse``                 the log-sum-exp is asked for as well
+``long``                rows of 64 to 4096 keys (half of them 2048 or more), where
+                        low-precision sums drift, mostly with values around a mean
+                        of 2 (a float16 accumulator loses such terms past a few
+                        thousand keys)
+``tiles``               Sk, and often Sq, at the tile sizes kernels use (16, 32, 64,
+                        128, 256) and one either side, where a kernel that drops its
+                        last partial tile fails
+``large_logits``        scores near 1e4, which overflow a softmax without max
+                        subtraction; with D >= 8 the unscaled q.k passes float16's
+                        65504 while the scaled score does not
+``unseen_nan``          NaN, +inf or -inf (:data:`~refattn.testing.problems.UNSEEN_VALUES`)
+                        in every slot no query may see (off by default: only kernels
+                        that never read such slots, as flash-attn's ``cache_seqlens``
+                        or a paged kernel, can promise this)
+``mask``                a random boolean mask (True keeps), per head, per row or shared
+``tree_mask``           speculative decoding's tree mask: each draft token sees the
+                        prefix, its ancestors and itself, at positions numbered by depth
+``document_mask``       packed rows of several documents, each query seeing only its
+                        own document, positions restarting in each
+``prefix_lm``           a prefix every query sees, causal after it (as a mask)
+``bias``                an additive float bias, per head or per row
+``sink_logits``         one sink logit per head in the softmax denominator, some large
+                        enough (8, 30) to dominate the row
+``sink_tokens``         the first 1 to 3 positions kept visible through a window
+``two_sided_window``    a window's right reach :math:`R` (``window_right``), keys
+                        up to R positions after the query visible, with or without a
+                        left window (with ``window``)
+``latent``              latent attention's shapes: D = 576, Dv = 512, one KV head
+``mqa``                 one KV head shared by 5 to 16 query heads
+``in_op_cache``         the split of the keys into an in-op cache's past and new ones
+                        (``problem.new_keys``) anywhere in the row, not just at the
+                        queries
+======================  =============================================================
 
 Every feature above but ``unseen_nan`` and those after it (the options a
 kernel must have asked for: masks, bias, sinks, two-sided windows, latent
