@@ -19,6 +19,8 @@ kernel reads it. The wrong ones are the correct ones with one line changed:
     attends over the past and the new tokens, but writes the new keys and
     values into a copy it drops: the present cache it returns is the one it
     was given.
+``present_missing_last_new_token``
+    writes every new token into the present but the last.
 
 ``refattn verify --candidate refattn.testing.known_bugs.layouts:<name>``
 points the verifier at one.
@@ -171,7 +173,8 @@ def block_table_in_slot_order(p: AttentionProblem) -> Any:
 # -- an in-op cache -------------------------------------------------------------------
 
 
-def in_op_textbook(p: AttentionProblem, *, keeps_new: bool = True) -> Any:
+def in_op_textbook(p: AttentionProblem, *, keeps_new: bool = True,
+                   writes_last_new: bool = True) -> Any:  # fmt: skip
     """Correct: an in-op cache kernel. Given the past cache and the new tokens
     (:func:`~refattn.testing.layouts.in_op_cache`, the new tokens' slots holding NaN), it
     writes the new keys and values at their slots, attends over the cache it made, and
@@ -187,6 +190,13 @@ def in_op_textbook(p: AttentionProblem, *, keeps_new: bool = True) -> Any:
     answer = textbook(replace(p, k=k, v=v, k_pos=k_pos))
     out, lse = _answer(p, answer)
     present = (k, v) if keeps_new else (_host(split.k_past), _host(split.v_past))
+    if not writes_last_new:
+        k_written, v_written = k.copy(), v.copy()
+        for b, slots in enumerate(split.new_slots):
+            if slots.size:  # the last new token's slot keeps what the past held there
+                k_written[b][:, slots[-1]] = _host(split.k_past)[b][:, slots[-1]]
+                v_written[b][:, slots[-1]] = _host(split.v_past)[b][:, slots[-1]]
+        present = (k_written, v_written)
     return Result(out, lse=lse, present=present)
 
 
@@ -194,6 +204,13 @@ def present_without_new_tokens(p: AttentionProblem) -> Any:
     """Attends over the past and the new tokens, but the new keys and values went into a copy
     it drops: the present it returns is the past it was given."""
     return in_op_textbook(p, keeps_new=False)
+
+
+def present_missing_last_new_token(p: AttentionProblem) -> Any:
+    """Attends over every new token but writes all of them save the last into the present
+    (a write loop over ``range(n - 1)``): only a split with new tokens shows it, and a
+    decode step's one new token is exactly the one lost."""
+    return in_op_textbook(p, writes_last_new=False)
 
 
 # -- left padding ------------------------------------------------------------------
@@ -237,13 +254,19 @@ def left_padded_textbook(p: AttentionProblem) -> Any:
 #: Each wrong kernel, with the dtypes its bug shows in.
 WRONG: dict[str, tuple[Callable[[AttentionProblem], Any], tuple[str, ...]]] = {
     f.__name__: (f, ("float32",))
-    for f in (cu_seqlens_off_by_one, block_table_in_slot_order, present_without_new_tokens)
+    for f in (
+        cu_seqlens_off_by_one,
+        block_table_in_slot_order,
+        present_without_new_tokens,
+        present_missing_last_new_token,
+    )
 }
 #: What each wrong kernel's check draws: an in-op split anywhere in the row for the present.
 FEATURES: dict[str, frozenset[str]] = {
     "cu_seqlens_off_by_one": DEFAULT_FEATURES,
     "block_table_in_slot_order": DEFAULT_FEATURES,
     "present_without_new_tokens": DEFAULT_FEATURES | {"in_op_cache"},
+    "present_missing_last_new_token": DEFAULT_FEATURES | {"in_op_cache"},
 }
 #: Correct kernels on the layouts.
 CORRECT: dict[str, Callable[[AttentionProblem], Any]] = {
