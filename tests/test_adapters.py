@@ -396,3 +396,45 @@ def test_in_op_adapter_returns_the_cache_flash_attn_appended_to(
     want = torch.from_numpy(problem.k.astype("float32")).to(torch.float16)
     assert bool(torch.where(held, k == want, True).all())
     assert check_problem(adapters.flash_attn_with_kvcache_in_op, spec, dtype="float16").passed
+
+
+# -- transformers' attention functions, on left-padded rows -------------------------
+
+#: What transformers' sdpa and eager attention take (no softcap, lse or sink logits).
+TRANSFORMERS_FEATURES = (SDPA_FEATURES - {"sink_logits"}) | {"ragged"}
+
+
+def _transformers_usable() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+@pytest.mark.parametrize("name", ["transformers_sdpa", "transformers_eager"])
+def test_transformers_attention_on_left_padded_rows_agrees_with_the_spec(name: str) -> None:
+    """Rows left-padded as transformers pads them, the mask it builds, the padding queries
+    declared don't care: the spec's answer everywhere else. Eager attention is judged by
+    its own precision (products in the input dtype) and in float16 away from scores that
+    overflow its unscaled product (below)."""
+    if not _transformers_usable():
+        pytest.skip("needs transformers")
+    adapter = getattr(adapters, name)
+    dtypes = ("float32", "bfloat16") if name == "transformers_eager" else DTYPES
+    report = check_attention(adapter, dtypes=dtypes, features=TRANSFORMERS_FEATURES, seed=SEED,
+                             max_examples=120)  # fmt: skip
+    assert report.passed, str(report)
+    assert report.ignored_rows.get("float32", 0) > 0, str(report)  # padding queries drawn
+    assert _supported_share(report, "float32") >= 0.3, str(report)
+
+
+def test_transformers_eager_in_float16_overflows_its_unscaled_product() -> None:
+    """A finding: transformers' eager attention multiplies q by k in float16 and scales after
+    (``matmul(q, k.T) * scaling``), so scores the scale would bring back into range overflow
+    first and the output is not finite; the same kernel without such scores passes."""
+    if not _transformers_usable():
+        pytest.skip("needs transformers")
+    spec = ProblemSpec(q_len=2, k_len=12, logit_size=10000.0, seed=0)
+    outcome = check_problem(adapters.transformers_eager, spec, dtype="float16")
+    assert outcome.failed and math.isinf(outcome.error), outcome
+    moderate = check_attention(adapters.transformers_eager, dtypes=("float16",), seed=SEED,
+                               features=TRANSFORMERS_FEATURES - {"large_logits"},
+                               max_examples=80)  # fmt: skip
+    assert moderate.passed, str(moderate)

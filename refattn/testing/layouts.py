@@ -145,13 +145,13 @@ def bottom_right_lengths(problem: Any, *, leading: bool = True) -> np.ndarray:
         held = k_pos[b][k_pos[b] >= 0]
         if leading and not bool((k_pos[b, :L] >= 0).all()):
             raise ValueError(f"row {b}'s keys must fill its first {L} slots (the slots after "
-                             f"them empty); got k_pos {k_pos[b].tolist()}")  # fmt: skip
+                             f"them empty); got k_pos {_shown(k_pos[b])}")  # fmt: skip
         if not np.array_equal(held, np.arange(L)):
             raise ValueError(f"row {b}'s keys must be positions 0..{L - 1} in slot order; "
-                             f"got {held.tolist()}")  # fmt: skip
+                             f"got {_shown(held)}")  # fmt: skip
         if not np.array_equal(q_pos[b], L - Sq + np.arange(Sq)):
             raise ValueError(f"row {b}'s queries must sit at the end of its {L} keys, at "
-                             f"{list(range(L - Sq, L))}; got {q_pos[b].tolist()}")  # fmt: skip
+                             f"{_shown(np.arange(L - Sq, L))}; got {_shown(q_pos[b])}")  # fmt: skip
     return lengths.astype(np.int64)
 
 
@@ -691,6 +691,15 @@ def _gather_positions(k_pos: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``k_pos[b, index[b, t]]``, or -1 where the index is -1 (``k_pos`` may have no slots)."""
     padded = np.concatenate([k_pos, np.full((k_pos.shape[0], 1), -1, dtype=np.int64)], axis=1)
     return np.take_along_axis(padded, np.where(index < 0, k_pos.shape[1], index), axis=1)
+
+
+def _shown(x: np.ndarray, most: int = 8) -> str:
+    """A row of positions for a message: all of a short one, the ends of a long one."""
+    values = x.tolist()
+    if len(values) <= most:
+        return str(values)
+    half = most // 2
+    return f"[{', '.join(map(str, values[:half]))}, ..., {', '.join(map(str, values[-half:]))}]"
 
 
 def _prefix_sum(counts: np.ndarray) -> np.ndarray:

@@ -93,6 +93,11 @@ class Outcome:
         return text
 
 
+def _clipped(reason: str, most: int = 160) -> str:
+    """A refusal's reason for the notes: whole when short, its start and end when long."""
+    return reason if len(reason) <= most else f"{reason[: most - 40]} ... {reason[-30:]}"
+
+
 def spec_code(spec: ProblemSpec | CacheSpec) -> str:
     """``ProblemSpec(...)`` or ``CacheSpec(...)`` with only the fields that differ from the
     defaults."""
@@ -404,7 +409,7 @@ class Report:
                 lines.append(
                     f"{dtype}: {refused} of {tried} problems ({refused / max(tried, 1):.0%}) "
                     "unsupported: "
-                    + "; ".join(f"{n} {reason!r}" for reason, n in reasons.most_common())
+                    + "; ".join(f"{n} {_clipped(reason)!r}" for reason, n in reasons.most_common())
                 )
             if self.ignored_rows.get(dtype):
                 lines.append(f"{dtype}: {self.ignored_rows[dtype]} query rows the candidate "
