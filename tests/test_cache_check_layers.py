@@ -201,7 +201,10 @@ def test_aliasing_is_seen_on_a_view_of_the_input_too() -> None:
     assert outcome.symptom == ALIASES and "v sharing" not in outcome.message
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="no transformers")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+    reason="needs transformers and torch",
+)
 def test_transformers_dynamic_cache_with_a_sliding_layer_from_its_config() -> None:
     """transformers' DynamicCache, one object for every layer, made from a config whose
     second layer slides; an adapter adds the positions of what each layer returns."""
