@@ -392,10 +392,7 @@ def flash_attn_func(problem: AttentionProblem) -> Any:
         float16/bfloat16, ``Dv != D``, ``D > 256``, a mask, a bias, sinks,
         softcap before flash-attn 2.6, and the windows it clamps.
     """
-    flash_attn = _flash_attn_module()
-    device = _cuda_device(problem)
-    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
-    _check_flash_problem(problem, q, v)
+    flash_attn, device, q, k, v = _flash_inputs(problem)
     Sk = k.shape[2]
     lengths = _flash_lengths(problem, leading=True)
     if bool((lengths != Sk).any()):
@@ -430,10 +427,7 @@ def flash_attn_varlen_func(problem: AttentionProblem) -> Any:
         As :func:`flash_attn_func`, for rows numbered otherwise, and for a
         batch with no key at all.
     """
-    flash_attn = _flash_attn_module()
-    device = _cuda_device(problem)
-    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
-    _check_flash_problem(problem, q, v)
+    flash_attn, device, q, k, v = _flash_inputs(problem)
     _flash_lengths(problem, leading=False)
     packed = pack_varlen(_on_device(problem, q, k, v, device))
     if packed.total_k == 0:
@@ -468,10 +462,7 @@ def flash_attn_with_kvcache(problem: AttentionProblem) -> Any:
         As :func:`flash_attn_func`, for positions that are not per-row
         lengths, and for a cache of ``Sk = 0`` slots.
     """
-    flash_attn = _flash_attn_module()
-    device = _cuda_device(problem)
-    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
-    _check_flash_problem(problem, q, v)
+    flash_attn, device, q, k, v = _flash_inputs(problem)
     Sk = k.shape[2]
     if Sk == 0:
         raise Unsupported("flash_attn_with_kvcache needs a cache of at least one slot")
@@ -504,10 +495,7 @@ def flash_attn_with_kvcache_paged(problem: AttentionProblem) -> Any:
     Unsupported
         As :func:`flash_attn_varlen_func`.
     """
-    flash_attn = _flash_attn_module()
-    device = _cuda_device(problem)
-    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
-    _check_flash_problem(problem, q, v)
+    flash_attn, device, q, k, v = _flash_inputs(problem)
     _flash_lengths(problem, leading=False)
     paged = page_kv(_on_device(problem, q, k, v, device), page_size=FLASH_PAGE_SIZE,
                     seed=problem.spec.seed)  # fmt: skip
@@ -542,10 +530,7 @@ def flash_attn_with_kvcache_in_op(problem: AttentionProblem) -> Any:
     Unsupported
         As :func:`flash_attn_with_kvcache`.
     """
-    flash_attn = _flash_attn_module()
-    device = _cuda_device(problem)
-    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
-    _check_flash_problem(problem, q, v)
+    flash_attn, device, q, k, v = _flash_inputs(problem)
     Sk = k.shape[2]
     if Sk == 0:
         raise Unsupported("flash_attn_with_kvcache needs a cache of at least one slot")
@@ -776,6 +761,16 @@ def _check_flash_problem(problem: AttentionProblem, q: Any, v: Any) -> None:
             raise Unsupported(f"flash-attn 2 takes no {name}")
     if problem.sink_tokens and problem.window is not None:
         raise Unsupported("flash-attn 2 has no sink tokens in a window")
+
+
+def _flash_inputs(problem: AttentionProblem) -> tuple[Any, str, Any, Any, Any]:
+    """What every flash adapter starts from: the module (or Unavailable), the GPU, q, k and
+    v there as torch tensors, and Unsupported for what flash-attn 2 takes of no problem."""
+    flash_attn = _flash_attn_module()
+    device = _cuda_device(problem)
+    q, k, v = (_as_torch(x, device) for x in (problem.q, problem.k, problem.v))
+    _check_flash_problem(problem, q, v)
+    return flash_attn, device, q, k, v
 
 
 def _flash_lengths(problem: AttentionProblem, *, leading: bool) -> np.ndarray:
