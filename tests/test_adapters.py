@@ -33,6 +33,7 @@ from refattn.testing import (
     check_problem,
     make_problem,
 )
+from refattn.testing.adapters import flash
 from refattn.testing.drawing import DEFAULT_FEATURES
 
 torch = pytest.importorskip("torch")
@@ -333,8 +334,8 @@ def test_flash_adapters_map_refattn_onto_flash_attn_conventions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Against the model, the adapters' positions, windows, ALiBi and lse mapping hold."""
-    monkeypatch.setattr(adapters, "_flash_attn_module", _FlashModel)
-    monkeypatch.setattr(adapters, "_cuda_device", lambda problem: "cpu")
+    monkeypatch.setattr(flash, "_flash_attn_module", _FlashModel)
+    monkeypatch.setattr(flash, "_cuda_device", lambda problem: "cpu")
     report = check_attention(adapter, dtypes=["float16"], features=features, seed=SEED)
     assert report.passed, str(report)
     assert _supported_share(report, "float16") >= share, str(report)
@@ -369,8 +370,8 @@ def test_paged_adapter_reads_rows_through_a_shuffled_table_of_256_token_pages(
             calls.append({"k_cache": k_cache, **kw})
             return super().flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
 
-    monkeypatch.setattr(adapters, "_flash_attn_module", Recording)
-    monkeypatch.setattr(adapters, "_cuda_device", lambda problem: "cpu")
+    monkeypatch.setattr(flash, "_flash_attn_module", Recording)
+    monkeypatch.setattr(flash, "_cuda_device", lambda problem: "cpu")
     spec = ProblemSpec(batch=3, q_len=2, k_len=700, causal=True, layout="ragged", seed=4,
                        min_row_len=600)  # fmt: skip
     outcome = check_problem(adapters.flash_attn_with_kvcache_paged, spec, dtype="float16")
@@ -385,8 +386,8 @@ def test_paged_adapter_reads_rows_through_a_shuffled_table_of_256_token_pages(
 def test_in_op_adapter_returns_the_cache_flash_attn_appended_to(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(adapters, "_flash_attn_module", _FlashModel)
-    monkeypatch.setattr(adapters, "_cuda_device", lambda problem: "cpu")
+    monkeypatch.setattr(flash, "_flash_attn_module", _FlashModel)
+    monkeypatch.setattr(flash, "_cuda_device", lambda problem: "cpu")
     spec = ProblemSpec(batch=2, q_len=3, k_len=6, causal=True, layout="ragged", seed=1,
                        min_row_len=3)  # fmt: skip
     problem = make_problem(spec, dtype="float16")

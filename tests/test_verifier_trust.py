@@ -162,13 +162,14 @@ def test_an_adapter_whose_library_is_missing_is_unavailable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from refattn.testing import adapters
+    from refattn.testing.adapters import libraries
 
-    real = adapters.importlib.util.find_spec
+    real = libraries.importlib.util.find_spec
 
     def without_torch(name: str, *args: Any) -> Any:
         return None if name == "torch" else real(name, *args)
 
-    monkeypatch.setattr(adapters.importlib.util, "find_spec", without_torch)
+    monkeypatch.setattr(libraries.importlib.util, "find_spec", without_torch)
     report = check_attention(adapters.torch_sdpa, max_examples=50, seed=0)
     assert report.unavailable == "torch is not installed" and not report.passed
     assert not report.failures and report.tried("float32") == 1  # stopped at once
@@ -181,22 +182,22 @@ def test_an_adapter_whose_library_is_missing_is_unavailable(
 def test_the_flex_attention_switch_is_shared_safely_by_two_threads() -> None:
     """The switch that runs FlexAttention uncompiled is one module attribute: a thread that
     leaves must not turn it off under another, and the last one out puts it back."""
-    from refattn.testing import adapters
+    from refattn.testing.adapters import pytorch
 
-    switch = adapters._FLEX_EAGER_SWITCH
+    switch = pytorch._FLEX_EAGER_SWITCH
     flex = SimpleNamespace(**{switch: False})
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
     seen: list[bool] = []
 
     def first() -> None:
-        with adapters._uncompiled(flex):
+        with pytorch._uncompiled(flex):
             first_in.set()
             second_in.wait(5)
         first_out.set()
 
     def second() -> None:
         first_in.wait(5)
-        with adapters._uncompiled(flex):
+        with pytorch._uncompiled(flex):
             second_in.set()
             first_out.wait(5)
             seen.append(getattr(flex, switch))  # the first has left; this one is still in
