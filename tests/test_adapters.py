@@ -421,7 +421,7 @@ def test_transformers_attention_on_left_padded_rows_agrees_with_the_spec(name: s
     dtypes = ("float32", "bfloat16") if name == "transformers_eager" else DTYPES
     report = check_attention(adapter, dtypes=dtypes, features=TRANSFORMERS_FEATURES, seed=SEED,
                              max_examples=120)  # fmt: skip
-    assert report.passed, str(report)
+    _only_known_transformers_defects(report, adapter)
     assert report.ignored_rows.get("float32", 0) > 0, str(report)  # padding queries drawn
     assert _supported_share(report, "float32") >= 0.3, str(report)
 
@@ -438,4 +438,15 @@ def test_transformers_eager_in_float16_overflows_its_unscaled_product() -> None:
     moderate = check_attention(adapters.transformers_eager, dtypes=("float16",), seed=SEED,
                                features=TRANSFORMERS_FEATURES - {"large_logits"},
                                max_examples=80)  # fmt: skip
-    assert moderate.passed, str(moderate)
+    _only_known_transformers_defects(moderate, adapters.transformers_eager)
+
+
+def _only_known_transformers_defects(report: Report, adapter: Callable[..., Any]) -> None:
+    """Every failure of ``report`` is a defect written up in hf.DEFECTS (a causal window of
+    1 through transformers' sliding cache layer), none a wrong mapping of the adapter's."""
+    from refattn.testing.adapters import hf
+
+    name = next(i.name for i in hf.IMPLEMENTATIONS if i.target is adapter)
+    unexplained = [f for f in report.failures
+                   if not any(d.explains(name, f) for d in hf.DEFECTS)]  # fmt: skip
+    assert not unexplained, str(report)
