@@ -6,8 +6,10 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from refattn.testing.adapters.libraries import require
 from refattn.testing.adapters.torch_masks import (
@@ -18,6 +20,12 @@ from refattn.testing.adapters.torch_masks import (
     with_sink_key,
 )
 from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
+from refattn.testing.conformance import probes
+from refattn.testing.conformance.implementations import Defect, Implementation
+from refattn.testing.constraints import Constraints
+from refattn.testing.drawing import DEFAULT_FEATURES
+from refattn.testing.problems import ProblemSpec
+from refattn.testing.report import Failure
 
 #: What FlexAttention says when called without torch.compile: the adapter means to.
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
@@ -47,6 +55,43 @@ def torch_sdpa(problem: AttentionProblem) -> Any:
     Unsupported
         For softcap and for the log-sum-exp, which SDPA cannot express.
     """
+    return _sdpa(problem, None)
+
+
+def torch_sdpa_math(problem: AttentionProblem) -> Any:
+    """:func:`torch_sdpa` with SDPA's math backend forced (``sdpa_kernel(SDPBackend.MATH)``):
+    the composite of matmuls and a softmax that every device has."""
+    return _sdpa(problem, "MATH")
+
+
+def torch_sdpa_flash(problem: AttentionProblem) -> Any:
+    """:func:`torch_sdpa` with SDPA's flash backend forced (``SDPBackend.FLASH_ATTENTION``):
+    on the CPU, PyTorch's own tiled kernel; a problem it refuses (PyTorch warns why, then
+    raises "No available kernel") is Unsupported with PyTorch's reasons."""
+    return _sdpa(problem, "FLASH_ATTENTION")
+
+
+def torch_sdpa_efficient(problem: AttentionProblem) -> Any:
+    """:func:`torch_sdpa` with the memory-efficient backend forced
+    (``SDPBackend.EFFICIENT_ATTENTION``, CUDA only: Unavailable elsewhere)."""
+    return _sdpa(problem, "EFFICIENT_ATTENTION")
+
+
+def torch_sdpa_cudnn(problem: AttentionProblem) -> Any:
+    """:func:`torch_sdpa` with the cuDNN backend forced (``SDPBackend.CUDNN_ATTENTION``,
+    CUDA only: Unavailable elsewhere)."""
+    return _sdpa(problem, "CUDNN_ATTENTION")
+
+
+torch_sdpa_flash.constraints = Constraints(same_value_dim=True)  # type: ignore[attr-defined]
+
+#: The SDPA backends that run only on a CUDA GPU.
+_CUDA_BACKENDS = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
+def _sdpa(problem: AttentionProblem, backend: str | None) -> Any:
+    """SDPA on the problem, through ``backend`` (an ``SDPBackend`` name) alone, or through
+    whichever backend PyTorch picks (None)."""
     require("torch")
     if problem.softcap is not None:
         raise Unsupported("SDPA has no softcap")
@@ -54,7 +99,12 @@ def torch_sdpa(problem: AttentionProblem) -> Any:
         raise Unsupported("SDPA does not return the log-sum-exp")
     import torch
 
-    q, k, v = (as_torch(x) for x in (problem.q, problem.k, problem.v))
+    device = None
+    if backend in _CUDA_BACKENDS:
+        if not torch.cuda.is_available():
+            raise Unavailable(f"SDPA's {backend} backend needs CUDA")
+        device = "cuda"
+    q, k, v = (as_torch(x, device) for x in (problem.q, problem.k, problem.v))
     q_pos, k_pos = as_torch(problem.q_pos, q.device), as_torch(problem.k_pos, q.device)
     keep = visibility(q_pos, k_pos, problem)[:, None]  # (B, 1, Sq, Sk)
     if problem.mask is not None:
@@ -71,9 +121,46 @@ def torch_sdpa(problem: AttentionProblem) -> Any:
         options["is_causal"] = True
     else:
         options["attn_mask"] = keep
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
+    if backend is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
+    else:
+        out = _forced(torch, backend, q, k, v, options)
     seen = keep.any(dim=-1)[..., None]  # (B, 1 or Hq, Sq, 1)
     return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _forced(torch: Any, backend: str, q: Any, k: Any, v: Any, options: dict[str, Any]) -> Any:
+    """SDPA through one backend; Unsupported, with the reasons PyTorch warns, where it refuses.
+
+    A backend that cannot take the inputs makes PyTorch warn why (one warning
+    per check that failed: "Flash attention does not support ...") and then
+    raise "No available kernel": that is a limit PyTorch states, so it is
+    counted, under the reasons it gave, not failed.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with warnings.catch_warnings(record=True) as said, sdpa_kernel(getattr(SDPBackend, backend)):
+        warnings.simplefilter("always")
+        try:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
+        except RuntimeError as exc:
+            if "No available kernel" not in str(exc):
+                raise
+            reasons = sorted({_reason(str(w.message)) for w in said} - {""})
+    raise Unsupported(f"SDPA {backend}: " + ("; ".join(reasons) or "no available kernel"))
+
+
+def _reason(warning: str) -> str:
+    """The sentence of one of SDPA's "cannot use this backend" warnings that says why, without
+    the sizes that differ from problem to problem and where in PyTorch it was raised (so the
+    report counts the problems together); "" for the header ("... not used because:").
+
+    >>> _reason("Flash attention requires q,k,v to have the same last dimension. Got "
+    ...         "Query.size(-1): 8, Value.size(-1): 6 instead. (Triggered internally at x.cpp:21.)")
+    'Flash attention requires q,k,v to have the same last dimension'
+    """
+    text = warning.split("(Triggered internally")[0].split(" Got ")[0].strip().rstrip(".")
+    return "" if text.endswith("because:") else text
 
 
 def torch_flex_attention(problem: AttentionProblem) -> Any:
@@ -102,8 +189,31 @@ def torch_flex_attention(problem: AttentionProblem) -> Any:
         without sink logits, on which it fails (with a block mask or without:
         it reduces over the empty key axis).
     """
+    return _flex(problem, compiled=False)
+
+
+def torch_flex_attention_compiled(problem: AttentionProblem) -> Any:
+    """:func:`torch_flex_attention` through ``torch.compile(flex_attention, dynamic=True)``:
+    the fused kernel FlexAttention generates (Inductor's C++ on the CPU), which is what
+    users run; the uncompiled one is its reference. New head dims and new kinds of
+    ``score_mod`` recompile (seconds each); sequence lengths do not.
+
+    Raises
+    ------
+    Unsupported
+        As :func:`torch_flex_attention`.
+    """
+    return _flex(problem, compiled=True)
+
+
+def _flex(problem: AttentionProblem, *, compiled: bool) -> Any:
+    """FlexAttention on the problem, compiled or run as eager PyTorch."""
     flex = _flex_attention_module()
     import torch
+
+    if compiled and problem.return_lse and not str(problem.device).startswith("cuda"):
+        raise Unsupported("FlexAttention compiled on the CPU returns no lse (PyTorch: "
+                          "return_lse is not supported yet)")  # fmt: skip
 
     q, k, v = (as_torch(x) for x in (problem.q, problem.k, problem.v))
     q_pos, k_pos = as_torch(problem.q_pos, q.device), as_torch(problem.k_pos, q.device)
@@ -164,12 +274,14 @@ def torch_flex_attention(problem: AttentionProblem) -> Any:
     if problem.return_lse:
         aux_request = getattr(flex, "AuxRequest", None)
         options = {"return_aux": aux_request(lse=True)} if aux_request else {"return_lse": True}
-    with _uncompiled(flex), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING, category=UserWarning)
-        result = flex.flex_attention(
-            q, k, v, score_mod=score_mod if modified else None, block_mask=block_mask,
-            scale=problem.scale, enable_gqa=True, **options,
-        )  # fmt: skip
+    arguments = {"score_mod": score_mod if modified else None, "block_mask": block_mask,
+                 "scale": problem.scale, "enable_gqa": True, **options}  # fmt: skip
+    if compiled:
+        result = _compiled_flex(flex)(q, k, v, **arguments)
+    else:
+        with _uncompiled(flex), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING, category=UserWarning)
+            result = flex.flex_attention(q, k, v, **arguments)
     if not problem.return_lse:
         return result
     out, aux = result
@@ -184,6 +296,37 @@ def _flex_attention_module() -> Any:
     except ImportError as exc:
         raise Unavailable(f"this torch has no FlexAttention ({exc})") from None
     return flex_attention
+
+
+#: ``torch.compile(flex_attention)``, made once per process: every call shares its cache.
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_flex(flex: Any) -> Any:
+    """``torch.compile(flex.flex_attention, dynamic=True)``, made on first use.
+
+    Each distinct ``score_mod`` and head dim is a new graph; past dynamo's
+    recompile limit it would quietly fall back to eager, which would check
+    the wrong thing, so the limit is raised for this function's frames and a
+    hit is made an error (``fail_on_recompile_limit_hit``).
+    """
+    if "flex" not in _COMPILED:
+        import torch
+
+        config = torch._dynamo.config
+        limits = {
+            "recompile_limit": 256,
+            "cache_size_limit": 256,
+            "accumulated_recompile_limit": 4096,
+            "accumulated_cache_size_limit": 4096,
+        }
+        for name, most in limits.items():
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), most))
+        if hasattr(config, "fail_on_recompile_limit_hit"):
+            config.fail_on_recompile_limit_hit = True
+        _COMPILED["flex"] = torch.compile(flex.flex_attention, dynamic=True)
+    return _COMPILED["flex"]
 
 
 #: Who is inside :func:`_uncompiled` now, and the switch's value before the first came in.
@@ -223,3 +366,149 @@ def _uncompiled(flex: Any) -> Iterator[None]:
             _FLEX_USERS["count"] -= 1
             if _FLEX_USERS["count"] == 0:
                 setattr(flex, _FLEX_EAGER_SWITCH, _FLEX_USERS["before"])
+
+
+def _sdpa_probe(backend: str | None) -> Callable[[], dict[str, str]]:
+    """A probe of SDPA through ``backend`` (None: PyTorch's own pick), called directly."""
+
+    def probe() -> dict[str, str]:
+        require("torch")
+        import torch
+
+        device = "cuda" if backend in _CUDA_BACKENDS else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Unavailable(f"SDPA's {backend} backend needs CUDA")
+        # The fused CUDA backends take float16 only; the CPU ones float32 as well.
+        dtype = "float16" if device == "cuda" else "float32"
+
+        def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, **options: Any) -> np.ndarray:
+            q_, k_, v_ = (torch.tensor(x, device=device)[None, None] for x in (q, k, v))
+            with contextlib.ExitStack() as stack:
+                if backend is not None:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    stack.enter_context(sdpa_kernel(getattr(SDPBackend, backend)))
+                out = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, **options)
+            return out[0, 0].float().cpu().numpy()
+
+        q, k, v = probes.one_hot_inputs(q_len=2, k_len=8, dtype=dtype)
+        empty = np.ones((2, 8), dtype=bool)
+        empty[0] = False
+        mask = torch.tensor(empty, device=device)
+        causal = probes.seen(sdpa(q, k, v, is_causal=True))
+        big_q, big_k, big_v, scale = probes.overflow_inputs()
+        return {
+            "alignment": probes.alignment_of(causal, k_len=8),
+            "empty_row": probes.empty_row_of(sdpa(q, k, v, attn_mask=mask)[0], v),
+            "window": "no window argument (a mask)",
+            "lse": "not returned",
+            "scores": probes.scores_of(sdpa(big_q, big_k, big_v, scale=scale)),
+        }
+
+    return probe
+
+
+def _flex_probe(compiled: bool) -> Callable[[], dict[str, str]]:
+    """A probe of FlexAttention, compiled or eager, called directly."""
+
+    def probe() -> dict[str, str]:
+        flex = _flex_attention_module()
+        import torch
+
+        # Compiled on the CPU, FlexAttention returns no lse ("torch.compile on CPU only
+        # supports inference and `return_lse` is not supported yet").
+        with_lse = not compiled or torch.cuda.is_available()
+
+        def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: Any, **options: Any) -> Any:
+            q_, k_, v_ = (torch.tensor(x)[None, None] for x in (q, k, v))
+            block_mask = flex.create_block_mask(
+                lambda b, h, i, j: keep(i, j), 1, None, q.shape[0], k.shape[0], device="cpu"
+            )
+            if with_lse:
+                options["return_aux"] = flex.AuxRequest(lse=True)
+            call = _compiled_flex(flex) if compiled else flex.flex_attention
+            with contextlib.ExitStack() as stack:
+                if not compiled:
+                    stack.enter_context(_uncompiled(flex))
+                    stack.enter_context(warnings.catch_warnings())
+                    warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING)
+                result = call(q_, k_, v_, block_mask=block_mask, **options)
+            out, lse = result if with_lse else (result, None)
+            return out[0, 0].float().numpy(), None if lse is None else lse.lse[0, 0].numpy()
+
+        q, k, v = probes.one_hot_inputs(q_len=4, k_len=8)
+        out, _ = run(q, k, v, lambda i, j: (i > 0) | (j < 0))  # row 0 sees nothing
+        _, lse = run(q, k, v, lambda i, j: j <= i + 4)  # 5 .. 8 keys seen
+        big = probes.overflow_inputs(head_dim=16)
+        scored, _ = run(*big[:3], lambda i, j: j >= 0, scale=big[3])
+        return {
+            "alignment": "no causal flag: the mask_mod says where queries sit",
+            "empty_row": probes.empty_row_of(out[0], v),
+            "window": "no window argument (a mask_mod)",
+            "lse": probes.lse_of(lse, [5, 6, 7, 8]) if with_lse else "not returned on the CPU",
+            "scores": probes.scores_of(scored[0]),
+        }
+
+    return probe
+
+
+#: What SDPA expresses: every default feature but softcap and the lse, every mask kind, a
+#: bias, sinks both ways, a right reach, and the latent and MQA shapes.
+SDPA_FEATURES = tuple(sorted((DEFAULT_FEATURES - {"softcap", "lse"}) | {
+    "mask", "tree_mask", "document_mask", "prefix_lm", "bias", "sink_logits", "sink_tokens",
+    "two_sided_window", "latent", "mqa"}))  # fmt: skip
+#: What FlexAttention expresses: SDPA's features, softcap and the lse.
+FLEX_FEATURES = tuple(sorted({*SDPA_FEATURES, "softcap", "lse"}))
+_ALL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_SDPA_UNSAID = ("dropout_p", "is_causal's top-left alignment with a mask given as well (SDPA "
+                "refuses both)", "nested (jagged) tensors")  # fmt: skip
+_FLEX_UNSAID = (
+    "block sizes and kernel_options",
+    "a compiled create_block_mask",
+    "the max-score auxiliary output",
+)
+
+IMPLEMENTATIONS = (
+    Implementation("PyTorch SDPA", "torch", "attention", torch_sdpa, _ALL_DTYPES,
+                   SDPA_FEATURES, probe=_sdpa_probe(None), cannot_express=_SDPA_UNSAID),
+    Implementation("PyTorch SDPA (math)", "torch", "attention", torch_sdpa_math, _ALL_DTYPES,
+                   SDPA_FEATURES, probe=_sdpa_probe("MATH"), cannot_express=_SDPA_UNSAID),
+    Implementation("PyTorch SDPA (flash, CPU)", "torch", "attention", torch_sdpa_flash,
+                   _ALL_DTYPES, SDPA_FEATURES, probe=_sdpa_probe("FLASH_ATTENTION"),
+                   cannot_express=_SDPA_UNSAID),
+    Implementation("PyTorch SDPA (memory-efficient)", "torch", "attention", torch_sdpa_efficient,
+                   ("float32", "float16", "bfloat16"), SDPA_FEATURES, gpu=True,
+                   probe=_sdpa_probe("EFFICIENT_ATTENTION"), cannot_express=_SDPA_UNSAID),
+    Implementation("PyTorch SDPA (cuDNN)", "torch", "attention", torch_sdpa_cudnn,
+                   ("float16", "bfloat16"), SDPA_FEATURES, gpu=True,
+                   probe=_sdpa_probe("CUDNN_ATTENTION"), cannot_express=_SDPA_UNSAID),
+    Implementation("PyTorch FlexAttention (eager)", "torch", "attention", torch_flex_attention,
+                   _ALL_DTYPES, FLEX_FEATURES, probe=_flex_probe(False),
+                   cannot_express=_FLEX_UNSAID),
+    Implementation("PyTorch FlexAttention (compiled)", "torch", "attention",
+                   torch_flex_attention_compiled, ("float32", "float16", "bfloat16"),
+                   FLEX_FEATURES, probe=_flex_probe(True), cannot_express=_FLEX_UNSAID),
+)  # fmt: skip
+
+
+def _inductor_fails_with_fewer_queries(failure: Failure) -> bool:
+    """The compiled-Flex defect: Inductor's C++ does not compile, with Sq != Sk."""
+    spec = failure.outcome.spec
+    fewer = isinstance(spec, ProblemSpec) and spec.q_len != spec.k_len
+    return "InductorError" in failure.outcome.message and fewer
+
+
+DEFECTS = (
+    Defect(
+        implementation="PyTorch FlexAttention (compiled)",
+        title="torch.compile(flex_attention, dynamic=True) on the CPU emits C++ that does not "
+        "compile when a mask_mod reads captured tensors and Q_LEN != KV_LEN",
+        matches=_inductor_fails_with_fewer_queries,
+        reproducer="torch_flex_compiled_dynamic_cpu.py",
+        reference="create_block_mask: a mask_mod of (b, h, q_idx, kv_idx) returning a boolean; "
+        "torch.compile(dynamic=True): one kernel as dynamic as possible; no limit stated on "
+        "captured tensors or Q_LEN != KV_LEN",
+        expected="the causal attention of 3 queries at positions 2..4 over 5 keys, as the "
+        "uncompiled call and dynamic=False return it",
+    ),
+)
