@@ -15,7 +15,10 @@ from refattn.testing.adapters.torch_masks import (
     visibility,
 )
 from refattn.testing.candidate import AttentionProblem, Result, Unavailable, Unsupported
+from refattn.testing.conformance import probes
+from refattn.testing.conformance.implementations import Defect, Implementation
 from refattn.testing.constraints import Constraints
+from refattn.testing.drawing import DEFAULT_FEATURES
 from refattn.testing.layouts import (
     bottom_right_lengths,
     heads_first,
@@ -362,3 +365,58 @@ def _flash_result(
         slopes = slopes.reshape(-1, lse.shape[1])[:, :, None]  # (B or 1, Hq, 1)
         lse = lse - slopes * q_pos[:, None, :].to(torch.float32)  # (B, Hq, Sq)
     return out, lse
+
+
+def _flash_probe() -> dict[str, str]:
+    """flash-attn's conventions, measured by calling ``flash_attn_func`` directly (CUDA)."""
+    flash_attn = _flash_attn_module()
+    import torch
+
+    def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, **options: Any) -> Any:
+        q_, k_, v_ = (torch.tensor(x, device="cuda")[None, :, None] for x in (q, k, v))
+        out, lse, _ = flash_attn.flash_attn_func(q_, k_, v_, return_attn_probs=True, **options)
+        return out[0, :, 0].float().cpu().numpy(), lse[0, 0].float().cpu().numpy(), lse.dtype
+
+    q, k, v = probes.one_hot_inputs(q_len=2, k_len=8, head_dim=8, dtype="float16")
+    causal, lse, lse_dtype = run(q, k, v, causal=True)
+    window, _, _ = run(q, k, v, causal=True, window_size=(2, 0))
+    many_q, _, _ = probes.one_hot_inputs(q_len=10, k_len=8, head_dim=8, dtype="float16")
+    empty, _, _ = run(many_q, k, v, causal=True)  # bottom-right: query 0 sits before key 0
+    big_q, big_k, big_v, scale = probes.overflow_inputs(head_dim=8)
+    scored, _, _ = run(big_q, big_k, big_v, softmax_scale=scale)
+    return {
+        "alignment": probes.alignment_of(probes.seen(causal), k_len=8),
+        "empty_row": probes.empty_row_of(empty[0], v),
+        "window": "window_size=(2, 0) keeps " + probes.reach_of(probes.seen(window)[1], 7),
+        "lse": probes.lse_of(lse.astype(np.float32), [7, 8]).replace("float32", str(lse_dtype)),
+        "scores": probes.scores_of(scored[0]),
+    }
+
+
+#: What the flash-attn adapters express: the default features and a right reach.
+FLASH_FEATURES = tuple(sorted({*DEFAULT_FEATURES, "two_sided_window"}))
+_LAYOUT_FEATURES = ("positions", "empty_slots", "ragged")
+_FLASH_UNSAID = ("dropout_p", "deterministic backward", "rotary embedding applied in "
+                 "flash_attn_with_kvcache (rotary_cos/rotary_sin)", "cache_batch_idx",
+                 "cache_leftpad", "block_table with flash_attn_varlen_func")  # fmt: skip
+
+
+def _flash_implementation(name: str, target: Any, features: tuple[str, ...]) -> Implementation:
+    return Implementation(name, "flash-attn", "attention", target, ("float16", "bfloat16"),
+                          features, requires=("flash_attn",), gpu=True, probe=_flash_probe,
+                          cannot_express=_FLASH_UNSAID)  # fmt: skip
+
+
+IMPLEMENTATIONS = (
+    _flash_implementation("flash-attn flash_attn_func", flash_attn_func,
+                          tuple(f for f in FLASH_FEATURES if f not in _LAYOUT_FEATURES)),
+    _flash_implementation("flash-attn flash_attn_varlen_func", flash_attn_varlen_func,
+                          FLASH_FEATURES),
+    _flash_implementation("flash-attn flash_attn_with_kvcache", flash_attn_with_kvcache,
+                          FLASH_FEATURES),
+    _flash_implementation("flash-attn flash_attn_with_kvcache (block_table)",
+                          flash_attn_with_kvcache_paged, FLASH_FEATURES),
+    _flash_implementation("flash-attn flash_attn_with_kvcache (k=, v= appended)",
+                          flash_attn_with_kvcache_in_op, (*FLASH_FEATURES, "in_op_cache")),
+)  # fmt: skip
+DEFECTS: tuple[Defect, ...] = ()
