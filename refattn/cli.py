@@ -18,6 +18,7 @@ import refattn
 COMMANDS = {
     "verify": "refattn.testing.verify_command",
     "bench": "refattn.bench.command",
+    "conformance": "refattn.testing.conformance.command",
 }
 
 

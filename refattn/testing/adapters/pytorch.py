@@ -492,17 +492,21 @@ IMPLEMENTATIONS = (
 
 
 def _inductor_fails_with_fewer_queries(failure: Failure) -> bool:
-    """The compiled-Flex defect: Inductor's C++ does not compile, with Sq != Sk."""
+    """The compiled-Flex defect: with Sq != Sk, Inductor's C++ does not compile, or the kernel
+    it reuses for a new size reads past its KV split ("index out of bounds: ... <
+    cur_kvSplitSize")."""
     spec = failure.outcome.spec
     fewer = isinstance(spec, ProblemSpec) and spec.q_len != spec.k_len
-    return "InductorError" in failure.outcome.message and fewer
+    message = failure.outcome.message
+    return fewer and ("InductorError" in message or "cur_kvSplitSize" in message)
 
 
 DEFECTS = (
     Defect(
         implementation="PyTorch FlexAttention (compiled)",
-        title="torch.compile(flex_attention, dynamic=True) on the CPU emits C++ that does not "
-        "compile when a mask_mod reads captured tensors and Q_LEN != KV_LEN",
+        title="torch.compile(flex_attention, dynamic=True) on the CPU breaks when Q_LEN != "
+        "KV_LEN and the mods read captured tensors: its C++ does not compile, or a kernel "
+        "reused for a new size indexes past its KV split",
         matches=_inductor_fails_with_fewer_queries,
         reproducer="torch_flex_compiled_dynamic_cpu.py",
         reference="create_block_mask: a mask_mod of (b, h, q_idx, kv_idx) returning a boolean; "
