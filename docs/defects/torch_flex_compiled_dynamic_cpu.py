@@ -1,16 +1,17 @@
-"""torch.compile(flex_attention, dynamic=True) on the CPU fails to build its C++ kernel when a
-mask_mod reads captured tensors and there are fewer queries than keys.
+"""torch.compile(flex_attention, dynamic=True) on the CPU fails to build its C++ kernel for a
+mask_mod that reads captured tensors (here: three queries over five keys).
 
 Three queries at positions 2, 3, 4 attend causally to five keys at positions 0 .. 4, the
 positions held in tensors the mask_mod indexes (as a KV-cache decode step does). Uncompiled,
 and compiled with ``dynamic=False``, FlexAttention returns the causal attention; compiled with
 ``dynamic=True`` Inductor's generated C++ does not compile ("'cur_kvSplitSize7' was not
-declared in this scope"), though the mask and shapes are the same. What PyTorch says it
+declared in this scope"), though the mask and shapes are the same. The same happens with
+grouped-query heads, a softcap or ALiBi in a score_mod, with equal query and key counts. What PyTorch says it
 should do: ``create_block_mask``'s docstring takes any mask_mod of (b, h, q_idx, kv_idx)
 returning a boolean, and ``torch.compile``'s ``dynamic=True`` is documented as generating "a
 kernel that is as dynamic as possible to avoid recompilations"; neither names a limit on
-captured tensors or on Q_LEN != KV_LEN. With a mask_mod that computes from the indices alone
-(``kv_idx <= q_idx + 2``) the same call compiles, and with Q_LEN == KV_LEN it compiles too.
+captured tensors. With a mask_mod that computes from the indices alone (``kv_idx <= q_idx +
+2``) the same call compiles.
 
 Needs only torch and NumPy. Exits 1 while the defect is there, 0 once it is fixed.
 """

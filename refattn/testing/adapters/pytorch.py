@@ -24,11 +24,12 @@ from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
 from refattn.testing.constraints import Constraints
 from refattn.testing.drawing import DEFAULT_FEATURES
-from refattn.testing.problems import ProblemSpec
 from refattn.testing.report import Failure
 
 #: What FlexAttention says when called without torch.compile: the adapter means to.
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
+#: What torch.compile's first call warns from inside torch (torch.jit.script_method).
+_JIT_DEPRECATED = "`torch.jit.script_method` is deprecated"
 #: The module switch that runs FlexAttention's forward without dynamo (see ``_uncompiled``).
 _FLEX_EAGER_SWITCH = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
 
@@ -189,25 +190,39 @@ def torch_flex_attention(problem: AttentionProblem) -> Any:
         without sink logits, on which it fails (with a block mask or without:
         it reduces over the empty key axis).
     """
-    return _flex(problem, compiled=False)
+    return _flex(problem, compiled=None)
 
 
 def torch_flex_attention_compiled(problem: AttentionProblem) -> Any:
-    """:func:`torch_flex_attention` through ``torch.compile(flex_attention, dynamic=True)``:
-    the fused kernel FlexAttention generates (Inductor's C++ on the CPU), which is what
-    users run; the uncompiled one is its reference. New head dims and new kinds of
-    ``score_mod`` recompile (seconds each); sequence lengths do not.
+    """:func:`torch_flex_attention` through ``torch.compile(flex_attention, dynamic=False)``:
+    the fused kernel FlexAttention generates (Inductor's C++ on the CPU) for each size, which
+    is what users run; the uncompiled one is its reference. Every new size and kind of
+    ``score_mod`` compiles again (seconds each), so its checks draw few problems.
 
     Raises
     ------
     Unsupported
         As :func:`torch_flex_attention`.
     """
-    return _flex(problem, compiled=True)
+    return _flex(problem, compiled="static")
 
 
-def _flex(problem: AttentionProblem, *, compiled: bool) -> Any:
-    """FlexAttention on the problem, compiled or run as eager PyTorch."""
+def torch_flex_attention_dynamic(problem: AttentionProblem) -> Any:
+    """:func:`torch_flex_attention_compiled` compiled once for every size
+    (``torch.compile(flex_attention, dynamic=True)``), which is what ``torch.compile``
+    turns to by itself when a compiled function meets a second size.
+
+    Raises
+    ------
+    Unsupported
+        As :func:`torch_flex_attention`.
+    """
+    return _flex(problem, compiled="dynamic")
+
+
+def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
+    """FlexAttention on the problem: compiled for this size (``"static"``), for every size
+    (``"dynamic"``), or run as eager PyTorch (None)."""
     flex = _flex_attention_module()
     import torch
 
@@ -277,7 +292,10 @@ def _flex(problem: AttentionProblem, *, compiled: bool) -> Any:
     arguments = {"score_mod": score_mod if modified else None, "block_mask": block_mask,
                  "scale": problem.scale, "enable_gqa": True, **options}  # fmt: skip
     if compiled:
-        result = _compiled_flex(flex)(q, k, v, **arguments)
+        with warnings.catch_warnings():
+            # Inductor's own imports use an API torch itself deprecates; not the user's call.
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=DeprecationWarning)
+            result = _compiled_flex(flex, dynamic=compiled == "dynamic")(q, k, v, **arguments)
     else:
         with _uncompiled(flex), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING, category=UserWarning)
@@ -302,15 +320,16 @@ def _flex_attention_module() -> Any:
 _COMPILED: dict[str, Any] = {}
 
 
-def _compiled_flex(flex: Any) -> Any:
-    """``torch.compile(flex.flex_attention, dynamic=True)``, made on first use.
+def _compiled_flex(flex: Any, *, dynamic: bool) -> Any:
+    """``torch.compile(flex.flex_attention, dynamic=dynamic)``, made on first use.
 
     Each distinct ``score_mod`` and head dim is a new graph; past dynamo's
     recompile limit it would quietly fall back to eager, which would check
     the wrong thing, so the limit is raised for this function's frames and a
     hit is made an error (``fail_on_recompile_limit_hit``).
     """
-    if "flex" not in _COMPILED:
+    key = "dynamic" if dynamic else "static"
+    if key not in _COMPILED:
         import torch
 
         config = torch._dynamo.config
@@ -325,8 +344,8 @@ def _compiled_flex(flex: Any) -> Any:
                 setattr(config, name, max(getattr(config, name), most))
         if hasattr(config, "fail_on_recompile_limit_hit"):
             config.fail_on_recompile_limit_hit = True
-        _COMPILED["flex"] = torch.compile(flex.flex_attention, dynamic=True)
-    return _COMPILED["flex"]
+        _COMPILED[key] = torch.compile(flex.flex_attention, dynamic=dynamic)
+    return _COMPILED[key]
 
 
 #: Who is inside :func:`_uncompiled` now, and the switch's value before the first came in.
@@ -426,7 +445,7 @@ def _flex_probe(compiled: bool) -> Callable[[], dict[str, str]]:
             )
             if with_lse:
                 options["return_aux"] = flex.AuxRequest(lse=True)
-            call = _compiled_flex(flex) if compiled else flex.flex_attention
+            call = _compiled_flex(flex, dynamic=False) if compiled else flex.flex_attention
             with contextlib.ExitStack() as stack:
                 if not compiled:
                     stack.enter_context(_uncompiled(flex))
@@ -460,6 +479,8 @@ SDPA_FEATURES = tuple(sorted((DEFAULT_FEATURES - {"softcap", "lse"}) | {
 #: What FlexAttention expresses: SDPA's features, softcap and the lse.
 FLEX_FEATURES = tuple(sorted({*SDPA_FEATURES, "softcap", "lse"}))
 _ALL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+#: Problems per dtype for compiled FlexAttention: each new size compiles, for seconds.
+COMPILED_EXAMPLES = 30
 _SDPA_UNSAID = ("dropout_p", "is_causal's top-left alignment with a mask given as well (SDPA "
                 "refuses both)", "nested (jagged) tensors")  # fmt: skip
 _FLEX_UNSAID = (
@@ -487,27 +508,28 @@ IMPLEMENTATIONS = (
                    cannot_express=_FLEX_UNSAID),
     Implementation("PyTorch FlexAttention (compiled)", "torch", "attention",
                    torch_flex_attention_compiled, ("float32", "float16", "bfloat16"),
-                   FLEX_FEATURES, probe=_flex_probe(True), cannot_express=_FLEX_UNSAID),
+                   FLEX_FEATURES, probe=_flex_probe(True), cannot_express=_FLEX_UNSAID,
+                   examples=COMPILED_EXAMPLES),
+    Implementation("PyTorch FlexAttention (compiled, dynamic shapes)", "torch", "attention",
+                   torch_flex_attention_dynamic, ("float32", "float16", "bfloat16"),
+                   FLEX_FEATURES, cannot_express=_FLEX_UNSAID, examples=COMPILED_EXAMPLES),
 )  # fmt: skip
 
 
-def _inductor_fails_with_fewer_queries(failure: Failure) -> bool:
-    """The compiled-Flex defect: with Sq != Sk, Inductor's C++ does not compile, or the kernel
-    it reuses for a new size reads past its KV split ("index out of bounds: ... <
-    cur_kvSplitSize")."""
-    spec = failure.outcome.spec
-    fewer = isinstance(spec, ProblemSpec) and spec.q_len != spec.k_len
+def _inductor_fails(failure: Failure) -> bool:
+    """The dynamic-shape Flex defect: Inductor's C++ does not compile, or the kernel reads
+    past its split ("index out of bounds: ... < cur_kvSplitSize")."""
     message = failure.outcome.message
-    return fewer and ("InductorError" in message or "cur_kvSplitSize" in message)
+    return "InductorError" in message or "SplitSize" in message
 
 
 DEFECTS = (
     Defect(
-        implementation="PyTorch FlexAttention (compiled)",
-        title="torch.compile(flex_attention, dynamic=True) on the CPU breaks when Q_LEN != "
-        "KV_LEN and the mods read captured tensors: its C++ does not compile, or a kernel "
-        "reused for a new size indexes past its KV split",
-        matches=_inductor_fails_with_fewer_queries,
+        implementation="PyTorch FlexAttention (compiled, dynamic shapes)",
+        title="torch.compile(flex_attention, dynamic=True) on the CPU fails to build (or run) "
+        "its kernel for mods that read captured tensors, where dynamic=False and the eager "
+        "path compute the attention",
+        matches=_inductor_fails,
         reproducer="torch_flex_compiled_dynamic_cpu.py",
         reference="create_block_mask: a mask_mod of (b, h, q_idx, kv_idx) returning a boolean; "
         "torch.compile(dynamic=True): one kernel as dynamic as possible; no limit stated on "

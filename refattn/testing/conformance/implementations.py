@@ -88,6 +88,9 @@ class Implementation:
     cannot_express : tuple of str
         What refattn cannot yet say about it (arguments no problem reaches,
         outputs no verdict reads), for the docs page.
+    examples : int or None
+        The most problems it is given per dtype, where each costs seconds (a
+        kernel compiled per problem); None: as many as the run asks.
     """
 
     name: str
@@ -102,6 +105,7 @@ class Implementation:
     options: Mapping[str, Any] = field(default_factory=dict)
     probe: Callable[[], Mapping[str, str]] | None = None
     cannot_express: tuple[str, ...] = ()
+    examples: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -127,6 +127,8 @@ def check_row(
         row.unavailable = why
         return row
     start = time.perf_counter()
+    if implementation.examples is not None:
+        examples = min(examples, implementation.examples)
     report = _report(implementation, dtype, examples=examples, seed=seed, on_example=on_example)
     row.seconds = time.perf_counter() - start
     return classified(row, report, known)
