@@ -6,12 +6,12 @@ positions held in tensors the mask_mod indexes (as a KV-cache decode step does).
 and compiled with ``dynamic=False``, FlexAttention returns the causal attention; compiled with
 ``dynamic=True`` Inductor's generated C++ does not compile ("'cur_kvSplitSize7' was not
 declared in this scope"), though the mask and shapes are the same. The same happens with
-grouped-query heads, a softcap or ALiBi in a score_mod, with equal query and key counts. What PyTorch says it
-should do: ``create_block_mask``'s docstring takes any mask_mod of (b, h, q_idx, kv_idx)
-returning a boolean, and ``torch.compile``'s ``dynamic=True`` is documented as generating "a
-kernel that is as dynamic as possible to avoid recompilations"; neither names a limit on
-captured tensors. With a mask_mod that computes from the indices alone (``kv_idx <= q_idx +
-2``) the same call compiles.
+grouped-query heads, a softcap or ALiBi in a score_mod, with equal query and key counts. What
+PyTorch says it should do: ``create_block_mask``'s docstring takes any mask_mod of (b, h,
+q_idx, kv_idx) returning a boolean, and ``torch.compile``'s ``dynamic=True`` is documented as
+generating "a kernel that is as dynamic as possible to avoid recompilations"; neither names a
+limit on captured tensors. With a mask_mod that computes from the indices alone (``kv_idx <=
+q_idx + 2``) the same call compiles.
 
 Needs only torch and NumPy. Exits 1 while the defect is there, 0 once it is fixed.
 """
