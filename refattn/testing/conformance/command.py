@@ -136,8 +136,9 @@ def conformance(
     console.print(f"{verdict} in {seconds:.0f} s", highlight=False)
     if json_path:
         shown = [d for d in known if d.implementation in {i.name for i in chosen}]
-        write_json(json_path, results(rows, conventions, shown, examples=examples, seed=seed,
-                                      seconds=seconds))  # fmt: skip
+        data = results(rows, conventions, shown, examples=examples, seed=seed, seconds=seconds,
+                       implementations=chosen)  # fmt: skip
+        write_json(json_path, data)
     return code
 
 

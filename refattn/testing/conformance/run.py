@@ -211,6 +211,7 @@ def results(
     examples: int,
     seed: int,
     seconds: float,
+    implementations: Iterable[Implementation] = (),
 ) -> dict[str, Any]:
     """The whole run as ``refattn conformance --json`` writes it."""
     return {
@@ -222,6 +223,7 @@ def results(
         "argv": sys.argv[1:],
         "results": [row.to_dict() for row in rows],
         "conventions": conventions,
+        "implementations": {i.name: _about(i) for i in implementations},
         "defects": [_defect(d) for d in defects],
     }
 
@@ -230,3 +232,10 @@ def _defect(defect: Defect) -> dict[str, Any]:
     return {"implementation": defect.implementation, "title": defect.title,
             "reproducer": defect.reproducer, "reference": defect.reference,
             "expected": defect.expected, "dtypes": list(defect.dtypes)}  # fmt: skip
+
+
+def _about(implementation: Implementation) -> dict[str, Any]:
+    i = implementation
+    return {"library": i.library, "kind": i.kind, "dtypes": list(i.dtypes),
+            "features": list(i.features), "gpu": i.gpu,
+            "cannot_express": list(i.cannot_express)}  # fmt: skip
