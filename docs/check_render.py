@@ -33,6 +33,7 @@ PAGES = (
     "caches",
     "blockwise",
     "verify",
+    "conformance",
     "backends",
     "api",
 )
