@@ -2,6 +2,8 @@
 # make test:   the same set-up, then lint, type checks and the whole test suite.
 # make docs:   the same set-up plus the docs extra, then the HTML site in docs/_build/html,
 #              warnings as errors, checked for any script, stylesheet or font fetched remotely.
+# make conformance: the same set-up, then `refattn conformance` over every installed library,
+#              written to docs/conformance.json and rebuilt into docs/conformance.md.
 # make docs-check: make docs, then render the main pages in headless Chromium (screenshots in
 #              docs/_build/screenshots) and check that formulas and plots appear.
 
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 HTML := docs/_build/html
 
-.PHONY: verify test lint typecheck install docs docs-check clean
+.PHONY: verify test lint typecheck install docs docs-check conformance clean
 
 verify: $(STAMP)
 	$(BIN)/refattn verify
@@ -30,6 +32,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy refattn backends tests benchmarks examples docs
 
 install: $(STAMP)
+
+conformance: $(STAMP)
+	$(BIN)/refattn conformance --json docs/conformance.json
+	$(BIN)/python -m refattn.testing.conformance.page docs/conformance.json docs/conformance.md
 
 docs: $(DOCS_STAMP)
 	rm -rf $(HTML)
