@@ -219,7 +219,16 @@ def _verdict(row: Row) -> str:
 def _notes(row: Row) -> Any:
     if row.unavailable:
         return row.unavailable
-    notes = list(row.reasons)
-    notes += [f"defect: {f.known}" for f in row.failures if f.known]
-    notes += [f"unexplained: {f.summary}" for f in row.unexplained]
+    notes = [_short(reason) for reason in row.reasons]
+    notes += [f"defect: {_short(f.known)}" for f in row.failures if f.known]
+    notes += [f"UNEXPLAINED: {_short(f.summary.split(':')[0])}" for f in row.unexplained]
     return "\n".join(notes)
+
+
+def _short(text: str, most: int = 70) -> str:
+    """``text`` cut to ``most`` characters, with an ellipsis where it was cut.
+
+    >>> _short("a" * 80, 10)
+    'aaaaaaaaa…'
+    """
+    return text if len(text) <= most else text[: most - 1] + "…"
