@@ -95,8 +95,8 @@ def conventions_section(data: dict[str, Any]) -> str:
     rows = []
     for name, measured in data["conventions"].items():
         if "unmeasured" in measured:
-            rows.append([name, *["" for _ in CONVENTIONS[:-1]], f"not measured: "
-                         f"{measured['unmeasured']}"])  # fmt: skip
+            blank = ["" for _ in CONVENTIONS[1:]]
+            rows.append([name, f"not measured: {measured['unmeasured']}", *blank])
             continue
         rows.append([name, *(measured.get(c, "") for c in CONVENTIONS)])
     return table(["implementation", "causal alignment", "row with no key", "window", "lse",
