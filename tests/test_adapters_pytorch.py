@@ -123,3 +123,19 @@ def test_dynamic_compiled_flex_fails_as_its_known_defect_says_and_the_reproducer
                          timeout=600)  # fmt: skip
     assert ran.returncode == 1, ran.stdout + ran.stderr
     assert "raised InductorError" in ran.stdout
+
+
+def _flex_window_off_by_one(problem: Any) -> Any:
+    """A wrong wrapper: eager FlexAttention with the window one key wider than asked (a
+    mask_mod written ``q - k <= W``)."""
+    if problem.window is None:
+        return pytorch.torch_flex_attention(problem)
+    return pytorch.torch_flex_attention(dataclasses.replace(problem, window=problem.window + 1))
+
+
+def test_a_wrong_wrapper_around_eager_flex_attention_fails() -> None:
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    report = check_attention(_flex_window_off_by_one, features=("causal", "window"), seed=0,
+                             max_examples=60)  # fmt: skip
+    assert not report.passed and report.failures, str(report)
+    assert "window" in report.failures[0].features
