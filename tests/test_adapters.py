@@ -341,6 +341,27 @@ def test_flash_adapters_map_refattn_onto_flash_attn_conventions(
     assert _supported_share(report, "float16") >= share, str(report)
 
 
+class _FlashModelLeftWindowOffByOne(_FlashModel):
+    """A wrong flash-attn, for the adapters to be caught on: its left reach one key short."""
+
+    def flash_attn_func(self, *args: Any, window_size: tuple[int, int] = (-1, -1),
+                        **kwargs: Any) -> Any:  # fmt: skip
+        left, right = window_size
+        narrower = (left - 1 if left > 0 else left, right)
+        return super().flash_attn_func(*args, **{**kwargs, "window_size": narrower})
+
+
+def test_a_wrong_flash_attn_under_the_adapter_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check is not blind to the library under the adapter: a flash-attn whose window
+    reaches one key less than ``window_size`` says fails on windowed problems."""
+    monkeypatch.setattr(flash, "_flash_attn_module", _FlashModelLeftWindowOffByOne)
+    monkeypatch.setattr(flash, "_cuda_device", lambda problem: "cpu")
+    report = check_attention(adapters.flash_attn_func, dtypes=["float16"], seed=SEED,
+                             features=("causal", "window"), max_examples=60)  # fmt: skip
+    assert not report.passed and report.failures, str(report)
+    assert "window" in report.failures[0].features
+
+
 def test_flash_model_refuses_what_flash_attn_refuses() -> None:
     model = _FlashModel()
     q = torch.zeros((1, 1, 1, 8), dtype=torch.float16)
