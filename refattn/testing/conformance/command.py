@@ -40,7 +40,7 @@ DESCRIPTION = (
     "and print the matrix. Exits 1 on a failure no known defect explains."
 )
 #: Problems (or cache histories) per implementation and dtype unless ``--examples`` says.
-DEFAULT_EXAMPLES = 100
+DEFAULT_EXAMPLES = 50
 
 
 def positive(text: str) -> int:

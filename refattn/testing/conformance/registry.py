@@ -19,11 +19,8 @@ ADAPTER_MODULES = (
     "refattn.testing.adapters.pytorch",
     "refattn.testing.adapters.hf",
     "refattn.testing.adapters.hf_caches",
-    "refattn.testing.adapters.onnx_attention",
-    "refattn.testing.adapters.onnxruntime_contrib",
     "refattn.testing.adapters.jax_attention",
     "refattn.testing.adapters.flash",
-    "refattn.testing.adapters.flashinfer_kernels",
 )
 
 
