@@ -9,10 +9,9 @@ lse is :math:`\log n`. A probe calls the library on :func:`one_hot_inputs`
 with its own arguments (its causal flag, its window, its mask), reads back
 which keys each query saw with :func:`seen`, and names the convention with
 the classifiers below, so that the docs' convention table is what was
-measured, not what was remembered.
+measured, not what was remembered. What a bottom-right causal call gives two
+queries over four keys, read back:
 
-Examples
---------
 >>> import numpy as np
 >>> q, k, v = one_hot_inputs(q_len=2, k_len=4)
 >>> out = np.array([[1/3, 1/3, 1/3, 0], [1/4, 1/4, 1/4, 1/4]])  # what bottom-right gives
