@@ -143,7 +143,7 @@ def test_the_docs_page_is_built_from_the_committed_json() -> None:
     data = json.loads((DOCS / "conformance.json").read_text())
     text = (DOCS / "conformance.md").read_text()
     assert page.update(text, data) == text
-    with pytest.raises(ValueError, match="no <!-- conformance:matrix -->"):
+    with pytest.raises(ValueError, match="the page has no <!-- conformance:run -->"):
         page.update("no sections here", data)
 
 
