@@ -3,6 +3,7 @@ r"""PyTorch's own attention as a candidate: SDPA and FlexAttention."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -28,8 +29,13 @@ from refattn.testing.report import Failure
 
 #: What FlexAttention says when called without torch.compile: the adapter means to.
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
-#: What torch.compile's first call warns from inside torch (torch.jit.script_method).
-_JIT_DEPRECATED = "`torch.jit.script_method` is deprecated"
+#: What torch.compile's calls warn from inside torch itself, not from the user's call:
+#: Inductor's imports touch ``torch.jit.script_method``, and dynamo's tracing of an
+#: index inside a mask_mod instantiates an autograd Function.
+_COMPILE_DEPRECATIONS = (
+    "`torch.jit.script_method` is deprecated",
+    ".*should not be instantiated",
+)
 #: The module switch that runs FlexAttention's forward without dynamo (see ``_uncompiled``).
 _FLEX_EAGER_SWITCH = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
 
@@ -292,9 +298,7 @@ def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
     arguments = {"score_mod": score_mod if modified else None, "block_mask": block_mask,
                  "scale": problem.scale, "enable_gqa": True, **options}  # fmt: skip
     if compiled:
-        with warnings.catch_warnings():
-            # Inductor's own imports use an API torch itself deprecates; not the user's call.
-            warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=DeprecationWarning)
+        with _torch_internal_deprecations_ignored():
             result = _compiled_flex(flex, dynamic=compiled == "dynamic")(q, k, v, **arguments)
     else:
         with _uncompiled(flex), warnings.catch_warnings():
@@ -316,8 +320,30 @@ def _flex_attention_module() -> Any:
     return flex_attention
 
 
-#: ``torch.compile(flex_attention)``, made once per process: every call shares its cache.
+#: ``torch.compile`` of each entry below, made once per process: calls share its cache.
 _COMPILED: dict[str, Any] = {}
+
+
+# Dynamo keeps compiled graphs on the code object of the frame it compiles, so
+# compiling ``flex_attention`` itself twice (and transformers compiles it too)
+# would let one compilation's graphs serve the other's calls wherever their
+# guards pass: a dynamic row could run graphs built for static shapes. Each
+# compilation gets its own entry frame, whose code object holds only its graphs.
+def _static_shapes_entry(flex: Any, *args: Any, **kwargs: Any) -> Any:
+    return flex.flex_attention(*args, **kwargs)
+
+
+def _dynamic_shapes_entry(flex: Any, *args: Any, **kwargs: Any) -> Any:
+    return flex.flex_attention(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _torch_internal_deprecations_ignored() -> Iterator[None]:
+    """Ignore the DeprecationWarnings torch.compile raises from torch's own code."""
+    with warnings.catch_warnings():
+        for message in _COMPILE_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        yield
 
 
 def _compiled_flex(flex: Any, *, dynamic: bool) -> Any:
@@ -344,8 +370,9 @@ def _compiled_flex(flex: Any, *, dynamic: bool) -> Any:
                 setattr(config, name, max(getattr(config, name), most))
         if hasattr(config, "fail_on_recompile_limit_hit"):
             config.fail_on_recompile_limit_hit = True
-        _COMPILED[key] = torch.compile(flex.flex_attention, dynamic=dynamic)
-    return _COMPILED[key]
+        entry = _dynamic_shapes_entry if dynamic else _static_shapes_entry
+        _COMPILED[key] = torch.compile(entry, dynamic=dynamic)
+    return functools.partial(_COMPILED[key], flex)
 
 
 #: Who is inside :func:`_uncompiled` now, and the switch's value before the first came in.
@@ -447,7 +474,9 @@ def _flex_probe(compiled: bool) -> Callable[[], dict[str, str]]:
                 options["return_aux"] = flex.AuxRequest(lse=True)
             call = _compiled_flex(flex, dynamic=False) if compiled else flex.flex_attention
             with contextlib.ExitStack() as stack:
-                if not compiled:
+                if compiled:
+                    stack.enter_context(_torch_internal_deprecations_ignored())
+                else:
                     stack.enter_context(_uncompiled(flex))
                     stack.enter_context(warnings.catch_warnings())
                     warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING)
