@@ -9,6 +9,7 @@ accumulator drifts over a long row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import fields
 from typing import Any
@@ -80,7 +81,40 @@ def test_a_numpy_dtype_is_not_taken_for_its_name() -> None:
 
 
 def test_the_stages_are_the_fields_of_a_contract_in_order() -> None:
-    assert STAGES == tuple(field.name for field in fields(Precision))
+    assert STAGES == tuple(field.name for field in fields(Precision))[: len(STAGES)]
+    assert [field.name for field in fields(Precision)][len(STAGES) :] == ["prescaled"]
+
+
+def test_a_prescaled_contract_rounds_q_and_k_scaled_by_the_root_of_the_scale() -> None:
+    """ONNX's form: the root of the scale rounded to float16, q and k each scaled by it and
+    rounded, their product rounded; the weights then as the contract says. By hand here, on
+    20 draws of one query over two keys (D = 16), some of which the plain form rounds
+    otherwise; the flag is kept by resolve and shown by the repr."""
+    contract = Precision(scores="input", softmax="input", accumulator="float32", prescaled=True)
+    plain = dataclasses.replace(contract, prescaled=False)
+    root = np.float64(np.float16(np.sqrt(0.3)))
+    differs = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        drawn = {"q": 4 * rng.standard_normal((1, 1, 1, 16)),
+                 "k": 4 * rng.standard_normal((1, 1, 2, 16)),
+                 "v": np.array([[[[1.0], [-1.0]]]])}  # fmt: skip
+        arrays = {name: np.asarray(x, np.float16).astype(np.float64) for name, x in drawn.items()}
+        out, _ = evaluate(arrays, {"scale": 0.3}, "float16", contract)
+        half = np.float16
+        qs, ks = (np.asarray(arrays[n] * root, half).astype(np.float64) for n in ("q", "k"))
+        scores = np.asarray(qs[0, 0] @ ks[0, 0].T, half).astype(np.float64)  # (1, 2)
+        e = np.exp(scores - scores.max())
+        p = np.asarray(e / e.sum(), half).astype(np.float64)
+        expected = float(np.asarray(p @ arrays["v"][0, 0], half).reshape(-1)[0])
+        assert float(out[0, 0, 0, 0]) == expected, seed
+        other, _ = evaluate(arrays, {"scale": 0.3}, "float16", plain)
+        differs += float(other[0, 0, 0, 0]) != expected
+    assert differs  # the form matters on these draws
+    assert contract.resolve("float16").prescaled
+    assert repr(contract).endswith("prescaled=True)") and "prescaled" not in repr(SPEC)
+    with pytest.raises(TypeError, match="prescaled must be True or False"):
+        Precision(prescaled=1)  # type: ignore[arg-type]
 
 
 def test_an_unknown_input_dtype_is_refused() -> None:

@@ -83,6 +83,13 @@ class Precision:
         The dtype the weighted sum :math:`\\sum_j p_j v_j` is accumulated in.
     lse : str
         The dtype the returned lse is rounded to.
+    prescaled : bool
+        The kernel scales ``q`` and ``k`` each by the square root of the scale
+        (itself rounded to the scores' dtype), rounding each element to it,
+        before their product, as ONNX's ``Attention`` function body does ("To
+        prevent numerical overflow, scale Q, K by sqrt(scale) before matmul"):
+        every element rounds, so the error grows with :math:`\\sum_d |q_d k_d|`
+        rather than with :math:`|q \\cdot k|`. Shown in the repr only when set.
 
     Examples
     --------
@@ -100,12 +107,19 @@ class Precision:
     softmax: str = "compute"
     accumulator: str = "compute"
     lse: str = "compute"
+    prescaled: bool = False
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{stage}={getattr(self, stage)!r}" for stage in STAGES)
+        return f"Precision({stages}{', prescaled=True' if self.prescaled else ''})"
 
     def __post_init__(self) -> None:
         for stage in STAGES:
             value = getattr(self, stage)
             if not isinstance(value, str) or value not in ACCEPTED:
                 raise ValueError(f"Precision.{stage} must be one of {ACCEPTED}; got {value!r}")
+        if not isinstance(self.prescaled, bool):
+            raise TypeError(f"Precision.prescaled must be True or False; got {self.prescaled!r}")
 
     def resolve(self, dtype: str) -> Precision:
         """The contract for inputs in ``dtype``, with every stage a concrete dtype name.
@@ -117,7 +131,8 @@ class Precision:
             raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
         named = {"compute": compute_dtype_name(dtype), "input": dtype}
         chosen = {stage: getattr(self, stage) for stage in STAGES}
-        return Precision(**{stage: named.get(value, value) for stage, value in chosen.items()})
+        concrete = {stage: named.get(value, value) for stage, value in chosen.items()}
+        return Precision(**concrete, prescaled=self.prescaled)
 
     def is_default(self, dtype: str) -> bool:
         """True when, for inputs in ``dtype``, this contract rounds as the spec does.
@@ -268,6 +283,9 @@ def evaluate(
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
     score_dtype = stages.scores
     with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
+        if precision.prescaled:  # q sqrt(scale) and k sqrt(scale), each rounded; then no scale
+            root = rounded(math.sqrt(scale), score_dtype)
+            q, k, scale = rounded(q * root, score_dtype), rounded(k * root, score_dtype), 1.0
         s = scaled_products(q, k, scale, score_dtype, fused=fused, sequential=sequential)
         if scalars.get("softcap") is not None:
             s = softcapped(s, scalars["softcap"], score_dtype, fused=fused)
