@@ -1,4 +1,5 @@
-r"""PyTorch SDPA, FlexAttention and flash-attn as candidates for ``check_attention``.
+r"""Third-party attention kernels as candidates for ``check_attention``: PyTorch SDPA and
+FlexAttention, transformers, JAX, ONNX's Attention operator, flash-attn.
 
 Each adapter takes an :class:`~refattn.testing.AttentionProblem`, says it in
 the peer's own terms the way a careful user would (positions become a mask,
@@ -24,6 +25,10 @@ adapter                            expresses                            raises U
                                    window both ways, sink tokens,
                                    mask, bias, ALiBi (its 4-D mask);
                                    padding queries are don't care
+``onnx_attention_24``              any positions (``is_causal`` and     the lse; zero keys; a
+(and opsets 23, 25; in-op;         ``nonpad_kv_seqlen`` where they say  float64 scale or softcap
+``onnx_reference_attention_*``)    them, a mask otherwise), GQA,        that is no float32
+                                   masks, bias, ALiBi, softcap, sinks
 ``flash_attn_func``                default positions, causal, window    other positions,
                                    both ways, GQA, softcap, ALiBi, lse  float32/64, mask, bias,
                                                                         sinks, and more
