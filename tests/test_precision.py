@@ -82,16 +82,16 @@ def test_a_numpy_dtype_is_not_taken_for_its_name() -> None:
 
 def test_the_stages_are_the_fields_of_a_contract_in_order() -> None:
     assert STAGES == tuple(field.name for field in fields(Precision))[: len(STAGES)]
-    assert [field.name for field in fields(Precision)][len(STAGES) :] == ["prescaled"]
+    assert [field.name for field in fields(Precision)][len(STAGES) :] == ["prescale"]
 
 
-def test_a_prescaled_contract_rounds_q_and_k_scaled_by_the_root_of_the_scale() -> None:
+def test_a_root_prescaled_contract_rounds_q_and_k_scaled_by_the_root_of_the_scale() -> None:
     """ONNX's form: the root of the scale rounded to float16, q and k each scaled by it and
     rounded, their product rounded; the weights then as the contract says. By hand here, on
     20 draws of one query over two keys (D = 16), some of which the plain form rounds
     otherwise; the flag is kept by resolve and shown by the repr."""
-    contract = Precision(scores="input", softmax="input", accumulator="float32", prescaled=True)
-    plain = dataclasses.replace(contract, prescaled=False)
+    contract = Precision(scores="input", softmax="input", accumulator="float32", prescale="root")
+    plain = dataclasses.replace(contract, prescale="none")
     root = np.float64(np.float16(np.sqrt(0.3)))
     differs = 0
     for seed in range(20):
@@ -111,10 +111,37 @@ def test_a_prescaled_contract_rounds_q_and_k_scaled_by_the_root_of_the_scale() -
         other, _ = evaluate(arrays, {"scale": 0.3}, "float16", plain)
         differs += float(other[0, 0, 0, 0]) != expected
     assert differs  # the form matters on these draws
-    assert contract.resolve("float16").prescaled
-    assert repr(contract).endswith("prescaled=True)") and "prescaled" not in repr(SPEC)
-    with pytest.raises(TypeError, match="prescaled must be True or False"):
-        Precision(prescaled=1)  # type: ignore[arg-type]
+    assert contract.resolve("float16").prescale == "root"
+    assert repr(contract).endswith("prescale='root')") and "prescale" not in repr(SPEC)
+    with pytest.raises(ValueError, match="prescale must be one of"):
+        Precision(prescale="keys")
+
+
+def test_a_query_prescaled_contract_rounds_q_times_the_scale() -> None:
+    """FlashInfer's prefill form: q times the scale and log2(e) rounded to float16, then the
+    product rounded; by hand on one query over two keys (D = 64), which the plain form rounds
+    otherwise on some of 20 draws."""
+    contract = Precision(scores="input", softmax="input", accumulator="float32", prescale="query")
+    differs = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        drawn = {"q": 8 * rng.standard_normal((1, 1, 1, 64)),
+                 "k": 8 * rng.standard_normal((1, 1, 2, 64)),
+                 "v": np.array([[[[1.0], [-1.0]]]])}  # fmt: skip
+        arrays = {name: np.asarray(x, np.float16).astype(np.float64) for name, x in drawn.items()}
+        out, _ = evaluate(arrays, {"scale": 0.03}, "float16", contract)
+        half = np.float16
+        factor = 0.03 * math.log2(math.e)  # base 2's scale, as FlashInfer's prefill holds q
+        qs = np.asarray(arrays["q"] * factor, half).astype(np.float64) / math.log2(math.e)
+        scores = np.asarray(qs[0, 0] @ arrays["k"][0, 0].T, half).astype(np.float64)  # (1, 2)
+        e = np.exp(scores - scores.max())
+        p = np.asarray(e / e.sum(), half).astype(np.float64)
+        expected = float(np.asarray(p @ arrays["v"][0, 0], half).reshape(-1)[0])
+        assert float(out[0, 0, 0, 0]) == expected, seed
+        other, _ = evaluate(arrays, {"scale": 0.03}, "float16",
+                            dataclasses.replace(contract, prescale="none"))  # fmt: skip
+        differs += float(other[0, 0, 0, 0]) != expected
+    assert differs
 
 
 def test_an_unknown_input_dtype_is_refused() -> None:

@@ -58,6 +58,8 @@ DTYPES = ("float64", "float32", "float16", "bfloat16")
 ACCEPTED = ("compute", "input", *DTYPES)
 #: The stages of a contract, in the order attention runs them: the fields of :class:`Precision`.
 STAGES = ("scores", "softmax", "accumulator", "lse")
+#: Where a contract may put the scale before the product (:attr:`Precision.prescale`).
+PRESCALES = ("none", "root", "query")
 #: Significand bits of each dtype, which says which of two is coarser.
 _BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 
@@ -83,13 +85,18 @@ class Precision:
         The dtype the weighted sum :math:`\\sum_j p_j v_j` is accumulated in.
     lse : str
         The dtype the returned lse is rounded to.
-    prescaled : bool
-        The kernel scales ``q`` and ``k`` each by the square root of the scale
-        (itself rounded to the scores' dtype), rounding each element to it,
-        before their product, as ONNX's ``Attention`` function body does ("To
-        prevent numerical overflow, scale Q, K by sqrt(scale) before matmul"):
-        every element rounds, so the error grows with :math:`\\sum_d |q_d k_d|`
-        rather than with :math:`|q \\cdot k|`. Shown in the repr only when set.
+    prescale : str
+        Where the scale goes before the product, among :data:`PRESCALES`:
+        ``"none"`` (the product is scaled, the default); ``"root"``, ``q`` and
+        ``k`` each scaled by the square root of the scale (itself rounded to the
+        input dtype) and rounded to the input dtype, as ONNX's ``Attention``
+        function body does ("To prevent numerical overflow, scale Q, K by
+        sqrt(scale) before matmul"); ``"query"``, ``q`` times the scale and
+        :math:`\\log_2 e` (for a base-2 softmax), or times the scale over the
+        softcap where there is one, rounded to the input dtype, as FlashInfer's
+        FlashAttention-2 prefill kernels do (``q_smem_inplace_transform``). Each
+        element rounds, so the error grows with :math:`\\sum_d |q_d k_d|` rather
+        than with :math:`|q \\cdot k|`. Shown in the repr only when set.
 
     Examples
     --------
@@ -107,19 +114,21 @@ class Precision:
     softmax: str = "compute"
     accumulator: str = "compute"
     lse: str = "compute"
-    prescaled: bool = False
+    prescale: str = "none"
 
     def __repr__(self) -> str:
         stages = ", ".join(f"{stage}={getattr(self, stage)!r}" for stage in STAGES)
-        return f"Precision({stages}{', prescaled=True' if self.prescaled else ''})"
+        scaled = f", prescale={self.prescale!r}" if self.prescale != "none" else ""
+        return f"Precision({stages}{scaled})"
 
     def __post_init__(self) -> None:
         for stage in STAGES:
             value = getattr(self, stage)
             if not isinstance(value, str) or value not in ACCEPTED:
                 raise ValueError(f"Precision.{stage} must be one of {ACCEPTED}; got {value!r}")
-        if not isinstance(self.prescaled, bool):
-            raise TypeError(f"Precision.prescaled must be True or False; got {self.prescaled!r}")
+        if self.prescale not in PRESCALES:
+            raise ValueError(f"Precision.prescale must be one of {PRESCALES}; got "
+                             f"{self.prescale!r}")  # fmt: skip
 
     def resolve(self, dtype: str) -> Precision:
         """The contract for inputs in ``dtype``, with every stage a concrete dtype name.
@@ -132,7 +141,7 @@ class Precision:
         named = {"compute": compute_dtype_name(dtype), "input": dtype}
         chosen = {stage: getattr(self, stage) for stage in STAGES}
         concrete = {stage: named.get(value, value) for stage, value in chosen.items()}
-        return Precision(**concrete, prescaled=self.prescaled)
+        return Precision(**concrete, prescale=self.prescale)
 
     def is_default(self, dtype: str) -> bool:
         """True when, for inputs in ``dtype``, this contract rounds as the spec does.
@@ -283,9 +292,14 @@ def evaluate(
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
     score_dtype = stages.scores
     with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
-        if precision.prescaled:  # q sqrt(scale) and k sqrt(scale), each rounded; then no scale
-            root = rounded(math.sqrt(scale), score_dtype)
-            q, k, scale = rounded(q * root, score_dtype), rounded(k * root, score_dtype), 1.0
+        # The scale's operands are held in the input dtype, whatever the scores' dtype.
+        if precision.prescale == "root":  # q and k by the rounded root of the scale, rounded
+            root = rounded(math.sqrt(scale), dtype)
+            q, k, scale = rounded(q * root, dtype), rounded(k * root, dtype), 1.0
+        elif precision.prescale == "query":  # q by the scale, rounded in base 2's terms
+            cap = scalars.get("softcap")
+            factor = scale / cap if cap is not None else scale * math.log2(math.e)
+            q, scale = rounded(q * factor, dtype) * (scale / factor), 1.0
         s = scaled_products(q, k, scale, score_dtype, fused=fused, sequential=sequential)
         if scalars.get("softcap") is not None:
             s = softcapped(s, scalars["softcap"], score_dtype, fused=fused)

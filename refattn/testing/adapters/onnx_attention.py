@@ -77,7 +77,7 @@ from refattn.testing.report import Failure
 
 #: The operator's own contract: scores and softmax weights in the input type, the
 #: products accumulated as a GEMM with a float32 accumulator would.
-ONNX_ATTENTION = Precision(scores="input", softmax="input", accumulator="float32", prescaled=True)
+ONNX_ATTENTION = Precision(scores="input", softmax="input", accumulator="float32", prescale="root")
 #: The operator's inputs, in order: a missing optional one is "" in a node's inputs.
 INPUTS = ("Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen")
 #: Who runs a model: onnxruntime's CPU provider, or onnx's reference evaluator.
