@@ -157,3 +157,17 @@ def test_each_reproducer_exits_1_while_the_defect_is_there(reproducer: str) -> N
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "float64 by hand" in done.stdout
+
+
+def test_an_onnx_without_the_opset_makes_its_rows_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An onnx whose last opset is 24 has no opset 25 Attention: unavailable, not failed."""
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 24)
+    onnx_attention._session.cache_clear()
+    try:
+        report = check_attention(onnx_attention.onnx_attention_25, seed=0, max_examples=5)
+    finally:
+        onnx_attention._session.cache_clear()
+    assert not report.passed and report.unavailable.startswith("onnx "), str(report)
+    assert "has no opset 25" in report.unavailable

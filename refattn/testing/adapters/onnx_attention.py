@@ -67,7 +67,7 @@ import numpy as np
 
 from refattn.testing.adapters.libraries import require
 from refattn.testing.adapters.numpy_masks import additive, host, visible, with_sink_key
-from refattn.testing.candidate import AttentionProblem, Result, Unsupported
+from refattn.testing.candidate import AttentionProblem, Result, Unavailable, Unsupported
 from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
 from refattn.testing.drawing import DEFAULT_FEATURES
@@ -347,6 +347,12 @@ def _run(
 @functools.lru_cache(maxsize=512)
 def _session(signature: tuple[Any, ...]) -> Any:
     runner, opset, dtype, present, mask_dtype, attributes, outputs = signature
+    require("onnx")
+    import onnx
+
+    if onnx.defs.onnx_opset_version() < opset:
+        raise Unavailable(f"onnx {onnx.__version__} has no opset {opset} (its last is "
+                          f"{onnx.defs.onnx_opset_version()})")  # fmt: skip
     model = one_node_model(opset, dtype, present, mask_dtype, dict(attributes), outputs)
     if runner == "onnxruntime":
         require("onnxruntime")
@@ -354,8 +360,14 @@ def _session(signature: tuple[Any, ...]) -> Any:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 4  # its own errors come back as exceptions
-        return onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])  # fmt: skip
+        try:
+            return onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])  # fmt: skip
+        except Exception as exc:  # an onnxruntime older than the opset
+            if "opset" not in str(exc).lower():
+                raise
+            raise Unavailable(f"onnxruntime {onnxruntime.__version__} does not run opset "
+                              f"{opset}: {str(exc)[:120]}") from None  # fmt: skip
     from onnx.reference import ReferenceEvaluator
 
     return ReferenceEvaluator(model)
