@@ -114,23 +114,30 @@ def failures_section(data: dict[str, Any]) -> str:
 
 
 def defects_section(data: dict[str, Any]) -> str:
-    """Each defect: where, what the library says, the hand computation, the reproducer."""
-    parts = []
+    """Each defect once, with every implementation it shows in: what the library says, the
+    hand computation, the reproducer."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for d in data["defects"]:
+        grouped.setdefault((d["title"], d["reproducer"]), []).append(d)
+    parts = []
+    for (title, reproducer), rows in grouped.items():
+        where = ", ".join(f"**{d['implementation']}**"
+                          + (f" ({', '.join(d['dtypes'])})" if d["dtypes"] else "")
+                          for d in rows)  # fmt: skip
+        first = rows[0]
         parts += [
-            f"### {d['title']}",
+            f"### {title}",
             "",
-            f"In **{d['implementation']}**"
-            + (f" ({', '.join(d['dtypes'])})" if d["dtypes"] else "") + ".",
+            f"In {where}.",
             "",
-            f"What the library says: {d['reference']}.",
+            f"What the library says: {first['reference']}.",
             "",
-            f"In float64 by hand: {d['expected']}.",
+            f"In float64 by hand: {first['expected']}.",
             "",
-            f"Reproducer (`docs/defects/{d['reproducer']}`; needs only the library and NumPy, "
+            f"Reproducer (`docs/defects/{reproducer}`; needs only the library and NumPy, "
             "exits 1 while the defect is there):",
             "",
-            f"```{{literalinclude}} defects/{d['reproducer']}",
+            f"```{{literalinclude}} defects/{reproducer}",
             ":language: python",
             "```",
             "",

@@ -20,7 +20,10 @@ ADAPTER_MODULES = (
     "refattn.testing.adapters.hf",
     "refattn.testing.adapters.hf_caches",
     "refattn.testing.adapters.jax_attention",
+    "refattn.testing.adapters.onnx_attention",
+    "refattn.testing.adapters.onnxruntime_contrib",
     "refattn.testing.adapters.flash",
+    "refattn.testing.adapters.flashinfer_kernels",
 )
 
 
