@@ -12,6 +12,7 @@ Needs only onnx and NumPy. Exits 1 while the defect is there, 0 once it is fixed
 """
 
 import sys
+from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -31,7 +32,8 @@ model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
 model.ir_version = 10
 print("float64 by hand: zeros of shape", expected.shape)
 try:
-    (out,) = ReferenceEvaluator(model).run(None, {"Q": q, "K": k, "V": v})
+    outputs: Any = ReferenceEvaluator(model).run(None, {"Q": q, "K": k, "V": v})
+    out = np.asarray(outputs[0])
 except ValueError as exc:
     print("onnx.reference:  raised ValueError:", exc)
     sys.exit(1)
