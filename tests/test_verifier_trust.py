@@ -464,3 +464,21 @@ def test_a_tail_tile_or_long_row_bug_is_caught_on_every_seed(
     caught = [not check_attention(fn, dtypes=dtypes, seed=s, max_failures=1).passed
               for s in range(20)]  # fmt: skip
     assert sum(caught) == 20
+
+
+def test_a_failure_that_does_not_repeat_keeps_what_it_first_said() -> None:
+    """A draw that raised and then passed when judged again is reported as nondeterministic,
+    with the first error's text, so that a known defect can still be told by it."""
+    calls: list[int] = []
+
+    def flaky(p: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the first call's own error")
+        return textbook(p)
+
+    report = check_attention(flaky, max_examples=5, seed=0)
+    (failure,) = report.failures
+    assert failure.outcome.message.startswith("fails only sometimes (nondeterministic); first: ")
+    assert "the first call's own error" in failure.outcome.message
+    assert failure.symptom == "raised RuntimeError"

@@ -634,6 +634,39 @@ def in_op_cache(problem: Any, n: int | None = None, *, fill: float = math.nan) -
     )  # fmt: skip
 
 
+def trailing_new_tokens(problem: Any) -> int:
+    """The new tokens per row of the problem's in-op split (``problem.new_keys``), where every
+    row's are its last slots: the split an operator that appends the new tokens after the
+    whole past (one past length for every row) can take.
+
+    Raises
+    ------
+    ValueError
+        Naming the first row whose new tokens are not its last slots.
+
+    >>> from refattn.testing import ProblemSpec, make_problem
+    >>> trailing_new_tokens(make_problem(ProblemSpec(q_len=2, k_len=5, new_keys=2)))
+    2
+    >>> p = make_problem(ProblemSpec(batch=2, q_len=1, k_len=4, layout="ragged", seed=0,
+    ...                              new_keys=1))
+    >>> p.k_pos.tolist()
+    [[0, 1, -1, -1], [0, 1, 2, 3]]
+    >>> trailing_new_tokens(p)
+    Traceback (most recent call last):
+    ...
+    ValueError: row 0's 1 new tokens must be its last slots [3]; they are in slots [1]
+    """
+    split = in_op_cache(problem)
+    n = split.new_slots.shape[1]
+    Sk = problem.k.shape[2]
+    last = np.arange(Sk - n, Sk)
+    for b, slots in enumerate(split.new_slots):
+        if not np.array_equal(slots, last):
+            raise ValueError(f"row {b}'s {n} new tokens must be its last slots "
+                             f"{last.tolist()}; they are in slots {slots.tolist()}")  # fmt: skip
+    return n
+
+
 def append_new(split: InOpCache) -> tuple[Any, Any, Any]:
     """The present an in-op cache must make: ``(k, v, k_pos)``, the past with the new tokens
     written at ``new_slots``, (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) and (B, Sk)."""

@@ -167,7 +167,9 @@ def _shrunk_class(
         return True
 
     if not fails(draw.outcome.spec):  # the draw judged again: does it fail again?
-        outcome = draw.outcome.but(message="fails only sometimes (nondeterministic)")
+        first = draw.outcome.message
+        outcome = draw.outcome.but(message="fails only sometimes (nondeterministic)"
+                                   + (f"; first: {first}" if first else ""))  # fmt: skip
         return Failure(outcome, draw.index, 0, report.name, found=draw.outcome.spec,
                        source=report.source, features=draw.features,
                        corners=draw.corners, precision=report.precision)  # fmt: skip

@@ -14,6 +14,7 @@ from refattn.testing.adapters.torch_masks import (
     as_torch,
     visibility,
 )
+from refattn.testing.adapters.torch_masks import cuda_device as _cuda_device
 from refattn.testing.candidate import AttentionProblem, Result, Unavailable, Unsupported
 from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
@@ -229,12 +230,6 @@ def _flash_attn_module() -> Any:
     import flash_attn
 
     return flash_attn
-
-
-def _cuda_device(problem: AttentionProblem) -> str:
-    """The problem's device if it is a GPU, else the first GPU (NumPy inputs move there)."""
-    device = str(problem.device)
-    return device if device.startswith("cuda") else "cuda"
 
 
 def _check_flash_problem(problem: AttentionProblem, q: Any, v: Any) -> None:

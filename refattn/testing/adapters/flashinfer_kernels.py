@@ -106,6 +106,7 @@ import numpy as np
 
 from refattn.testing.adapters.libraries import require
 from refattn.testing.adapters.torch_masks import as_torch
+from refattn.testing.adapters.torch_masks import cuda_device as _cuda_device
 from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
 from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
@@ -397,12 +398,6 @@ def _flashinfer_module() -> Any:
     import flashinfer
 
     return flashinfer
-
-
-def _cuda_device(problem: AttentionProblem) -> str:
-    """The problem's device if it is a GPU, else the first GPU (NumPy inputs move there)."""
-    device = str(problem.device)
-    return device if device.startswith("cuda") else "cuda"
 
 
 _WORKSPACES: dict[str, Any] = {}

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from refattn.testing.adapters.libraries import require
+from refattn.testing.adapters.numpy_masks import additive, host, visible, with_sink_key
 from refattn.testing.candidate import AttentionProblem, Unavailable, Unsupported
 from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
@@ -99,23 +100,15 @@ def _dot_product_attention(problem: AttentionProblem, implementation: str) -> An
         raise Unsupported("JAX computes float64 as float32 unless jax_enable_x64 is set")
     import jax.numpy as jnp
 
-    q, k, v = (np.asarray(x) for x in (problem.q, problem.k, problem.v))
+    q, k, v = (host(x) for x in (problem.q, problem.k, problem.v))
     if v.shape[-1] != k.shape[-1]:  # "value array, should have the same shape as the key array"
         raise Unsupported("jax.nn.dot_product_attention needs values the shape of the keys")
-    B, Hq, Sq, _ = q.shape
-    Sk = k.shape[2]
-    q_pos, k_pos = np.asarray(problem.q_pos), np.asarray(problem.k_pos)
-    keep: np.ndarray = _visible(problem, q_pos, k_pos)[:, None]  # (B, 1, Sq, Sk)
-    if problem.mask is not None:
-        keep = keep & np.asarray(problem.mask, dtype=bool)  # (B, 1 or Hq, Sq, Sk)
-    bias = _bias(problem, q_pos, k_pos, (B, Hq, Sq, Sk))  # (B, Hq, Sq, Sk) float32, or None
+    q_pos, k_pos = host(problem.q_pos), host(problem.k_pos)
+    keep = visible(problem)  # (B, 1 or Hq, Sq, Sk), the problem's mask kept
+    terms = additive(problem)  # (B, Hq, Sq, Sk) float64, or None
     if problem.sink_logits is not None:  # one more key of zeros, scored sigma_h
-        k, v = (np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 0))) for x in (k, v))
-        keep = np.pad(np.broadcast_to(keep, (B, keep.shape[1], Sq, Sk)),
-                      ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=True)  # fmt: skip
-        sink = np.asarray(problem.sink_logits, dtype=np.float32).reshape(1, Hq, 1, 1)
-        base = np.zeros((B, Hq, Sq, Sk), np.float32) if bias is None else bias
-        bias = np.concatenate([base, np.broadcast_to(sink, (B, Hq, Sq, 1))], axis=-1)
+        k, v, keep, terms = with_sink_key(problem, k, v, keep, terms)
+    bias = None if terms is None else terms.astype(np.float32)  # JAX adds it to float32 logits
     options = _native(problem, q_pos, k_pos)
     if options is None or problem.sink_logits is not None:
         options = {"mask": jnp.asarray(keep)}
@@ -162,34 +155,6 @@ def _native(problem: AttentionProblem, q_pos: np.ndarray, k_pos: np.ndarray) -> 
     if bool((lengths < Sk).any()):
         options["key_value_seq_lengths"] = np.asarray(lengths, dtype=np.int32)
     return options
-
-
-def _visible(problem: AttentionProblem, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-    """(B, Sq, Sk) booleans from positions: the rule of :func:`refattn.positions.visibility`."""
-    query, key = q_pos[:, :, None], k_pos[:, None, :]
-    visible = np.broadcast_to(key >= 0, (q_pos.shape[0], q_pos.shape[1], k_pos.shape[1]))
-    if problem.causal:
-        visible = visible & (key <= query)
-    if problem.window is not None:
-        visible = visible & ((query - key < problem.window) | (key < problem.sink_tokens))
-    if problem.window_right is not None:
-        visible = visible & (key - query <= problem.window_right)
-    return visible
-
-
-def _bias(
-    problem: AttentionProblem, q_pos: np.ndarray, k_pos: np.ndarray, shape: tuple[int, ...]
-) -> np.ndarray | None:
-    """ALiBi's :math:`-m_h |q - k|` plus the problem's bias, float32 (B, Hq, Sq, Sk), or None."""
-    total = None
-    if problem.alibi_slopes is not None:
-        slopes = np.asarray(problem.alibi_slopes, dtype=np.float32).reshape(-1, shape[1], 1, 1)
-        distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(np.float32)
-        total = -slopes * distance[:, None]
-    if problem.bias is not None:
-        bias = np.asarray(problem.bias, dtype=np.float32)
-        total = bias if total is None else total + bias
-    return None if total is None else np.broadcast_to(total, shape).astype(np.float32)
 
 
 def _probe() -> dict[str, str]:

@@ -138,7 +138,7 @@ from refattn.testing.candidate import AttentionProblem, Result, Unsupported
 from refattn.testing.conformance import probes
 from refattn.testing.conformance.implementations import Defect, Implementation
 from refattn.testing.constraints import Constraints
-from refattn.testing.layouts import in_op_cache
+from refattn.testing.layouts import in_op_cache, trailing_new_tokens
 from refattn.testing.precision import Precision
 from refattn.testing.report import Failure
 
@@ -447,14 +447,12 @@ def _mha_masks(
 
 def _new_tokens(problem: AttentionProblem) -> int:
     """The new tokens per row, where every row's are its last slots (Unsupported if not)."""
-    split = in_op_cache(problem)
-    n = split.new_slots.shape[1]
-    Sk = problem.k.shape[2]
-    if not np.array_equal(split.new_slots, np.broadcast_to(np.arange(Sk - n, Sk),
-                                                           split.new_slots.shape)):  # fmt: skip
-        raise Unsupported("onnxruntime's MultiHeadAttention takes one past length for every "
-                          "row: each row's new tokens must be its last slots")  # fmt: skip
-    return n
+    try:
+        return trailing_new_tokens(problem)
+    except ValueError:  # one reason for every such problem, so the report counts them together
+        why = ("onnxruntime's MultiHeadAttention takes one past length for every row: each "
+               "row's new tokens must be its last slots")  # fmt: skip
+        raise Unsupported(why) from None
 
 
 # -- both ------------------------------------------------------------------------------------

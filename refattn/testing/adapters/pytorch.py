@@ -547,15 +547,9 @@ IMPLEMENTATIONS = (
 
 def _inductor_fails(failure: Failure) -> bool:
     """The dynamic-shape Flex defect: Inductor's C++ does not compile, or the kernel reads
-    past its split ("index out of bounds: ... < cur_kvSplitSize"); also where the draw that
-    raised it passed when judged again (a graph another problem compiled served it), which
-    the search reports as nondeterministic with the symptom it first had."""
+    past its split ("index out of bounds: ... < cur_kvSplitSize")."""
     message = failure.outcome.message
-    return (
-        "InductorError" in message
-        or "SplitSize" in message
-        or (failure.symptom == "raised InductorError")
-    )
+    return "InductorError" in message or "SplitSize" in message
 
 
 DEFECTS = (

@@ -16,6 +16,18 @@ import numpy as np
 from refattn.testing.candidate import AttentionProblem
 
 
+def cuda_device(problem: AttentionProblem) -> str:
+    """The problem's device if it is a GPU, else the first GPU (NumPy inputs move there), for
+    the adapters to kernels that run only on CUDA.
+
+    >>> from refattn.testing import ProblemSpec, make_problem
+    >>> cuda_device(make_problem(ProblemSpec()))
+    'cuda'
+    """
+    device = str(problem.device)
+    return device if device.startswith("cuda") else "cuda"
+
+
 def as_torch(x: Any, device: Any = None) -> Any:
     """An array of the problem (NumPy, PyTorch, or anything with DLPack) as a torch tensor.
 
