@@ -6,6 +6,7 @@ imports no framework: the namespace is found from the arrays passed in.
 """
 
 from refattn.attention import attention
+from refattn.backward import Gradients, attention_backward, attention_backward_blockwise
 from refattn.blockwise import attention_blockwise, attention_split_kv
 from refattn.caches import (
     CrossAttentionCache,
@@ -21,6 +22,7 @@ from refattn.merge import merge_states, merge_states_n
 
 __all__ = [
     "CrossAttentionCache",
+    "Gradients",
     "DynamicCache",
     "KVCache",
     "PagedCache",
@@ -29,6 +31,8 @@ __all__ = [
     "StaticCache",
     "alibi_slopes",
     "attention",
+    "attention_backward",
+    "attention_backward_blockwise",
     "attention_blockwise",
     "attention_split_kv",
     "merge_states",

@@ -214,19 +214,28 @@ def scores(call: Call, queries: slice, keys: slice) -> tuple[Array, Array]:
     (:func:`guarded_scores`: where a key is not finite, each query multiplies
     only the keys it sees).
     """
+    s, visible, _ = score_terms(call, queries, keys)
+    return s, visible
+
+
+def score_terms(call: Call, queries: slice, keys: slice) -> tuple[Array, Array, Array | None]:
+    """:func:`scores`, and the softcapped scores before ALiBi and the bias, (B, Hkv, G, bq, bk),
+    or None without a softcap: the backward's softcap factor, :math:`1 - (s_c / c)^2`, is
+    read from them."""
     xp = call.xp
     q_pos, k_pos = call.q_pos[:, queries], call.k_pos[:, keys]  # (B or 1, bq), (B or 1, bk)
     q, k = call.q[:, :, queries, :], call.keys(keys)
     visible = block_visibility(call, queries, keys)  # (B, 1 or Hkv, 1 or G, bq, bk)
 
     s = guarded_scores(xp, q, k, call.scale, visible)  # (B, Hkv, G, bq, bk)
+    capped = None
     if call.softcap is not None:
-        s = softcap_scores(xp, s, call.softcap)
+        s = capped = softcap_scores(xp, s, call.softcap)
     if call.slopes is not None:
         s = s + alibi_bias(xp, call.slopes, q_pos, k_pos)  # (B, Hkv, G, bq, bk)
     if call.bias is not None:
         s = s + _block(call.bias, queries, keys)  # (B, Hkv, G, bq, bk)
-    return s, visible
+    return s, visible, capped
 
 
 def guarded_scores(xp: Namespace, q: Array, k: Array, scale: float, visible: Array) -> Array:

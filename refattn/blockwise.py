@@ -69,13 +69,13 @@ def attention_blockwise(
     key_blocks = [slice(k0, min(k0 + block_k, Sk)) for k0 in range(0, Sk, block_k)]
     query_blocks = [slice(q0, min(q0 + block_q, Sq)) for q0 in range(0, Sq, block_q)]
     states = [
-        _online_softmax(call, queries, key_blocks) for queries in query_blocks or [slice(0, 0)]
+        online_softmax(call, queries, key_blocks) for queries in query_blocks or [slice(0, 0)]
     ]
     return call.finish(xp.concat([o for o, _ in states], axis=3),
                        xp.concat([s for _, s in states], axis=3))  # fmt: skip
 
 
-def _online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple[Array, Array]:
+def online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple[Array, Array]:
     """One query block over every key block: (B, Hkv, G, bq, Dv) and (B, Hkv, G, bq)."""
     xp = call.xp
     B, Hkv, G = call.q.shape[0], call.k.shape[1], call.q.shape[1] // call.k.shape[1]
@@ -137,7 +137,7 @@ def attention_split_kv(
     size = -(-Sk // num_splits) if Sk else 1
     parts = [slice(k0, min(k0 + size, Sk)) for k0 in range(0, Sk, size)] or [slice(0, 0)]
     sinkless = replace(call, sink=None)  # each part without the sink; it joins once, after
-    states = [_online_softmax(sinkless, slice(None), [part]) for part in parts]
+    states = [online_softmax(sinkless, slice(None), [part]) for part in parts]
     out, lse = merge_states_n([o for o, _ in states], [s for _, s in states])
     if call.sink is not None:
         out, lse = _add_sink(call.xp, out, lse, call.sink[..., 0])

@@ -156,3 +156,30 @@ def check_devices(**arrays: Array | None) -> None:
             raise ValueError(
                 f"{name} is on device {device(x)} but {first} is on {where}; move it to {first}'s"
             )
+
+
+def check_saved(
+    xp: Namespace, q: Array, v: Array, dout: Array, out: Array | None, lse: Array | None
+) -> None:
+    """The backward's own arrays: dout shaped like the output, and the forward's saved
+    ``out`` and ``lse``, given together or not at all, on q's device."""
+    if dout is None:
+        raise TypeError("dout must be an array (the gradient of the output); got None")
+    if (out is None) != (lse is None):
+        given, missing = ("out", "lse") if lse is None else ("lse", "out")
+        raise ValueError(f"{given} was given without {missing}; give the forward's out and lse "
+                         "together, or neither")  # fmt: skip
+    B, Hq, Sq, _ = q.shape
+    Dv = v.shape[-1]
+    for name, x, shape, layout in (
+        ("dout", dout, (B, Hq, Sq, Dv), "(B, Hq, Sq, Dv)"),
+        ("out", out, (B, Hq, Sq, Dv), "(B, Hq, Sq, Dv)"),
+        ("lse", lse, (B, Hq, Sq), "(B, Hq, Sq)"),
+    ):
+        if x is None:
+            continue
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {layout} = {shape}; got {tuple(x.shape)}")
+        if not is_floating(xp, x.dtype):
+            raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+    check_devices(q=q, dout=dout, out=out, lse=lse)
