@@ -3,7 +3,8 @@
 Two systems live here, each written once:
 
 - **the public verifier**, for other people's kernels and caches:
-  ``check_attention(fn)`` and ``check_cache(factory)`` search with Hypothesis
+  ``check_attention(fn)``, ``check_attention_backward(fn)`` (its gradients)
+  and ``check_cache(factory)`` search with Hypothesis
   for a problem on which a candidate disagrees with the spec, shrink it, and
   report it with a runnable reproducer. Its rooms: the problems
   (:mod:`~refattn.testing.problems`, drawn by the one generator of
@@ -15,7 +16,8 @@ Two systems live here, each written once:
   (:mod:`~refattn.testing.verdict`, by the rule of
   :mod:`~refattn.testing.tolerance`), the report
   (:mod:`~refattn.testing.report`), the two checks
-  (:mod:`~refattn.testing.attention_check`, :mod:`~refattn.testing.cache_check`)
+  (:mod:`~refattn.testing.attention_check`, :mod:`~refattn.testing.backward_check`,
+  :mod:`~refattn.testing.cache_check`)
   and adapters for PyTorch SDPA, FlexAttention and flash-attn
   (:mod:`~refattn.testing.adapters`, imported on demand);
 - **the self-check** behind ``refattn verify`` (:mod:`refattn.testing.selfcheck`):
@@ -29,6 +31,11 @@ differently), to try a verdict on.
 """
 
 from refattn.testing.attention_check import check_attention, check_problem, make_problem
+from refattn.testing.backward_check import (
+    check_attention_backward,
+    check_backward_problem,
+    make_backward_problem,
+)
 from refattn.testing.cache_check import check_cache, check_schedule
 from refattn.testing.candidate import AttentionProblem, Result, Unavailable, Unsupported
 from refattn.testing.constraints import Constraints
@@ -53,9 +60,12 @@ __all__ = [
     "Unsupported",
     "build_problem",
     "check_attention",
+    "check_attention_backward",
+    "check_backward_problem",
     "check_cache",
     "check_problem",
     "check_schedule",
+    "make_backward_problem",
     "make_problem",
     "max_abs_error",
     "spec_error_bound",

@@ -86,6 +86,9 @@ class AttentionProblem:
     sink_tokens: int = 0  #: with a window, keys at positions below this stay visible
     window_right: int | None = None  #: a key is visible when k_pos - q_pos <= window_right
     new_keys: int = 0  #: an in-op cache's new keys: the last ``new_keys`` held slots per row
+    #: (B, Hq, Sq, Dv) in the checked dtype: the output's gradient, which
+    #: ``check_attention_backward`` hands its candidate (None in a forward check)
+    dout: Any | None = None
 
     def options(self) -> dict[str, Any]:
         """The problem as keyword options of :func:`refattn.attention`: ``attention(p.q, p.k,

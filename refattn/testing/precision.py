@@ -281,9 +281,40 @@ def evaluate(
     nan
     """
     stages = precision.resolve(dtype)
-    q, k, v = (np.asarray(arrays[name], dtype=np.float64) for name in ("q", "k", "v"))
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = v.shape[1], v.shape[2], v.shape[3]
+    v = np.asarray(arrays["v"], dtype=np.float64)
+    B, Hq, Sq, _ = np.shape(arrays["q"])
+    Dv = v.shape[3]
+    with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
+        s, _, visible, sink = contract_scores(arrays, scalars, dtype, precision, fused=fused,
+                                              sequential=sequential)  # fmt: skip
+        p, lse = softmax_weights(s, visible, sink, stages.softmax)  # (..., Sk), (B, Hkv, G, Sq)
+        out = weighted_sum(p, v, visible, stages.accumulator)  # (B, Hkv, G, Sq, Dv)
+        out = rounded(np.reshape(out, (B, Hq, Sq, Dv)), dtype)  # (B, Hq, Sq, Dv)
+        lse = rounded(np.reshape(lse, (B, Hq, Sq)), stages.lse)  # (B, Hq, Sq)
+    return out, lse
+
+
+def contract_scores(
+    arrays: dict[str, Any],
+    scalars: dict[str, Any],
+    dtype: str,
+    precision: Precision,
+    *,
+    fused: bool = False,
+    sequential: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """The scores of :func:`evaluate`, rounded as ``precision`` says: (B, Hkv, G, Sq, Sk).
+
+    Returns the scores after every modifier, the softcapped scores before ALiBi
+    and the bias (None without a softcap: the backward reads its softcap factor
+    from them), which keys each query sees (B, Hkv or 1, G or 1, Sq, Sk), and
+    the sink logits (1, Hkv, G, 1, 1) or None. Call it under
+    ``np.errstate(all="ignore")``: overflow to inf is what a contract may do.
+    """
+    stages = precision.resolve(dtype)
+    q, k = (np.asarray(arrays[name], dtype=np.float64) for name in ("q", "k"))
+    _, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = scalars.get("scale")
     if scale is None:
@@ -291,34 +322,30 @@ def evaluate(
     q_pos, k_pos = _positions(arrays, Sq, Sk)  # (B or 1, Sq), (B or 1, Sk)
     visible = _visible(arrays, scalars, q_pos, k_pos, Hkv)  # (B, Hkv or 1, G or 1, Sq, Sk)
     score_dtype = stages.scores
-    with np.errstate(all="ignore"):  # overflow to inf is what a contract may do
-        # The scale's operands are held in the input dtype, whatever the scores' dtype.
-        if precision.prescale == "root":  # q and k by the rounded root of the scale, rounded
-            root = rounded(math.sqrt(scale), dtype)
-            q, k, scale = rounded(q * root, dtype), rounded(k * root, dtype), 1.0
-        elif precision.prescale == "query":  # q by the scale, rounded in base 2's terms
-            cap = scalars.get("softcap")
-            factor = scale / cap if cap is not None else scale * math.log2(math.e)
-            q, scale = rounded(q * factor, dtype) * (scale / factor), 1.0
-        s = scaled_products(q, k, scale, score_dtype, fused=fused, sequential=sequential)
-        if scalars.get("softcap") is not None:
-            s = softcapped(s, scalars["softcap"], score_dtype, fused=fused)
-        if arrays.get("alibi_slopes") is not None:
-            slopes = rounded(np.reshape(arrays["alibi_slopes"], (-1, Hkv, G)), score_dtype)
-            distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
-            ramp = slopes[:, :, :, None, None] * rounded(distance, score_dtype)[:, None, None]
-            s = rounded(s - rounded(ramp, score_dtype), score_dtype)  # (B, Hkv, G, Sq, Sk)
-        if arrays.get("bias") is not None:
-            bias = rounded(group_heads(xp_numpy, arrays["bias"], Hkv), score_dtype)
-            s = rounded(s + bias, score_dtype)  # (B, Hkv, G, Sq, Sk)
-        sink = None
-        if arrays.get("sink_logits") is not None:
-            sink = rounded(np.reshape(arrays["sink_logits"], (1, Hkv, G, 1, 1)), score_dtype)
-        p, lse = softmax_weights(s, visible, sink, stages.softmax)  # (..., Sk), (B, Hkv, G, Sq)
-        out = weighted_sum(p, v, visible, stages.accumulator)  # (B, Hkv, G, Sq, Dv)
-        out = rounded(np.reshape(out, (B, Hq, Sq, Dv)), dtype)  # (B, Hq, Sq, Dv)
-        lse = rounded(np.reshape(lse, (B, Hq, Sq)), stages.lse)  # (B, Hq, Sq)
-    return out, lse
+    # The scale's operands are held in the input dtype, whatever the scores' dtype.
+    if precision.prescale == "root":  # q and k by the rounded root of the scale, rounded
+        root = rounded(math.sqrt(scale), dtype)
+        q, k, scale = rounded(q * root, dtype), rounded(k * root, dtype), 1.0
+    elif precision.prescale == "query":  # q by the scale, rounded in base 2's terms
+        cap = scalars.get("softcap")
+        factor = scale / cap if cap is not None else scale * math.log2(math.e)
+        q, scale = rounded(q * factor, dtype) * (scale / factor), 1.0
+    s = scaled_products(q, k, scale, score_dtype, fused=fused, sequential=sequential)
+    capped = None
+    if scalars.get("softcap") is not None:
+        s = capped = softcapped(s, scalars["softcap"], score_dtype, fused=fused)
+    if arrays.get("alibi_slopes") is not None:
+        slopes = rounded(np.reshape(arrays["alibi_slopes"], (-1, Hkv, G)), score_dtype)
+        distance = np.abs(q_pos[:, :, None] - k_pos[:, None, :])  # (B, Sq, Sk)
+        ramp = slopes[:, :, :, None, None] * rounded(distance, score_dtype)[:, None, None]
+        s = rounded(s - rounded(ramp, score_dtype), score_dtype)  # (B, Hkv, G, Sq, Sk)
+    if arrays.get("bias") is not None:
+        bias = rounded(group_heads(xp_numpy, arrays["bias"], Hkv), score_dtype)
+        s = rounded(s + bias, score_dtype)  # (B, Hkv, G, Sq, Sk)
+    sink = None
+    if arrays.get("sink_logits") is not None:
+        sink = rounded(np.reshape(arrays["sink_logits"], (1, Hkv, G, 1, 1)), score_dtype)
+    return s, capped, visible, sink
 
 
 def rounded(x: Any, dtype: str) -> np.ndarray:
@@ -498,3 +525,86 @@ def _visible(
     if arrays.get("mask") is not None:
         visible = visible & group_heads(xp_numpy, np.asarray(arrays["mask"], dtype=bool), Hkv)
     return np.asarray(visible)
+
+
+def evaluate_backward(
+    arrays: dict[str, Any],
+    scalars: dict[str, Any],
+    dout: np.ndarray,
+    dtype: str,
+    precision: Precision = SPEC,
+) -> dict[str, np.ndarray | None]:
+    """The spec's backward on NumPy, rounded as ``precision`` says, for inputs in ``dtype``.
+
+    The forward of :func:`evaluate` is run and its output rounded to ``dtype``
+    (what a kernel saves); the lse is kept in working precision (a kernel
+    saves it in float32). Then, as a FlashAttention-2 backward rounds: the
+    recomputed weights :math:`P` are rounded to the softmax stage's dtype
+    before :math:`dV = P^T dO`; :math:`D`, :math:`dP = dO\\, V^T` and
+    :math:`dS = P (dP - D)` (times the softcap factor) are formed in
+    working precision and :math:`dS` is rounded to the softmax stage's dtype
+    before the :math:`dQ` and :math:`dK` products, which accumulate in the
+    accumulator's dtype; every gradient is rounded to ``dtype`` at the end.
+
+    Parameters
+    ----------
+    arrays, scalars, dtype, precision : as for :func:`evaluate`
+    dout : (B, Hq, Sq, Dv) float64, already rounded to ``dtype``
+
+    Returns
+    -------
+    dict
+        ``dq``, ``dk``, ``dv``, ``dsink_logits`` and ``dbias`` (None where the
+        problem has no sink logits or no bias), float64 arrays rounded to ``dtype``.
+    """
+    stages = precision.resolve(dtype)
+    work, accumulator = working(stages.softmax), working(stages.accumulator)
+    q, k, v = (np.asarray(arrays[name], dtype=np.float64) for name in ("q", "k", "v"))
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = v.shape[1], v.shape[2], v.shape[3]
+    G = Hq // Hkv
+    scale = scalars.get("scale")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 0.0
+    # Slots no query sees may hold NaN or inf; they meet only weights of 0 below.
+    k, v = np.where(np.isfinite(k), k, 0.0), np.where(np.isfinite(v), v, 0.0)
+    with np.errstate(all="ignore"):
+        s, capped, visible, sink = contract_scores(arrays, scalars, dtype, precision)
+        p, lse = softmax_weights(s, visible, sink, stages.softmax)  # (B, Hkv, G, Sq, Sk)
+        out = rounded(weighted_sum(p, v, visible, stages.accumulator), dtype)  # saved O
+        lse = lse[..., None]  # (B, Hkv, G, Sq, 1), working precision
+        shift = np.where(lse == -np.inf, 0.0, lse)
+        p = rounded(np.exp(rounded(np.where(visible, s, -np.inf) - shift, work)), stages.softmax)
+        dout_g = np.reshape(dout, (B, Hkv, G, Sq, Dv))  # (B, Hkv, G, Sq, Dv)
+        delta = rounded(np.sum(dout_g * out, axis=-1, keepdims=True), work)  # D
+        dp = rounded(dout_g @ np.swapaxes(v, -1, -2)[:, :, None], work)  # dO V^T
+        ds = rounded(np.where(visible, p * (dp - delta), 0.0), work)  # (B, Hkv, G, Sq, Sk)
+        dt = ds
+        if capped is not None:
+            dt = rounded(ds * (1 - (capped / scalars["softcap"]) ** 2), work)
+        dt_low = rounded(dt, stages.softmax)
+        dq = rounded(scale * (dt_low @ k[:, :, None]), accumulator)  # (B, Hkv, G, Sq, D)
+
+        def key_sums(w: np.ndarray, x: np.ndarray) -> np.ndarray:  # sum over the group's rows
+            return np.einsum("bhgij,bhgid->bhjd", w, x)
+
+        dk = rounded(scale * key_sums(dt_low, np.reshape(q, (B, Hkv, G, Sq, D))), accumulator)
+        dv = rounded(key_sums(p, dout_g), accumulator)  # (B, Hkv, Sk, Dv)
+        grads: dict[str, np.ndarray | None] = {
+            "dq": rounded(np.reshape(dq, (B, Hq, Sq, D)), dtype),
+            "dk": rounded(dk, dtype),
+            "dv": rounded(dv, dtype),
+            "dsink_logits": None,
+            "dbias": None,
+        }
+        if sink is not None:
+            dsink = -np.sum(np.exp(sink - lse) * delta, axis=(0, 3, 4))  # (Hkv, G)
+            grads["dsink_logits"] = rounded(np.reshape(dsink, (Hq,)), dtype)
+        if arrays.get("bias") is not None:
+            shape = np.shape(arrays["bias"])
+            full = (1,) * (4 - len(shape)) + tuple(shape)
+            ds_full = np.reshape(ds, (B, Hq, Sq, Sk))
+            axes = tuple(a for a in range(4) if full[a] == 1 and ds_full.shape[a] != 1)
+            summed = np.sum(ds_full, axis=axes, keepdims=True) if axes else ds_full
+            grads["dbias"] = rounded(np.reshape(summed, shape), dtype)
+    return grads

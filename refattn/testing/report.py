@@ -43,6 +43,8 @@ class Outcome:
     unavailable: bool = False
     finding: str = ""
     ignored_rows: int = 0  #: query rows the candidate declared "don't care": not compared
+    #: A backward check's verdicts, one ``(name, error, allowed)`` per gradient compared.
+    gradients: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def symptom(self) -> str:
@@ -57,6 +59,9 @@ class Outcome:
             return "non-finite out" if math.isinf(self.error) else "wrong out"
         if self.lse_error > self.lse_allowed:
             return "non-finite lse" if math.isinf(self.lse_error) else "wrong lse"
+        for name, error, allowed in self.gradients:
+            if error > allowed:
+                return f"non-finite {name}" if math.isinf(error) else f"wrong {name}"
         return ""
 
     @property
@@ -67,6 +72,7 @@ class Outcome:
             and not self.finding
             and self.error <= self.allowed
             and self.lse_error <= self.lse_allowed
+            and all(error <= allowed for _, error, allowed in self.gradients)
         )
 
     @property
@@ -83,6 +89,15 @@ class Outcome:
         if self.message or self.finding:
             return f"FAIL {where}: {self.message or self.finding}"
         verdict = "pass" if self.passed else "FAIL"
+        if self.gradients:
+            if any(math.isinf(error) for _, error, _ in self.gradients):
+                verdict += (
+                    " (a NaN or infinity where the oracle has a finite value, or the reverse)"
+                )
+            return f"{verdict} {where}: " + "; ".join(
+                f"max|{name} - oracle| = {error:.3e}, allowed {allowed:.3e}"
+                for name, error, allowed in self.gradients
+            )
         if math.isinf(self.error) or math.isinf(self.lse_error):
             verdict += " (a NaN or infinity where the oracle has a finite value, or the reverse)"
         text = (
@@ -175,6 +190,10 @@ class Failure:
     #: More keyword arguments the reproducer's check needs (``check_cache``'s ``config`` and
     #: ``cache_kwargs``): name to its code, or to "" where it cannot be written as code.
     arguments: dict[str, str] = field(default_factory=dict)
+    #: The one-problem check the reproducer calls ("" for the one of the spec's kind:
+    #: ``check_problem`` or ``check_schedule``), and the search it names.
+    check: str = ""
+    search: str = ""
 
     @property
     def symptom(self) -> str:
@@ -191,6 +210,8 @@ class Failure:
         check, spec_type = (
             ("check_schedule", "CacheSpec") if cache else ("check_problem", "ProblemSpec")
         )
+        check = self.check or check
+        searched = self.search or ("check_cache" if cache else "check_attention")
         name, source = _import_line(self.candidate, self.source)
         contract = [] if self.precision == SPEC else [f"precision={self.precision!r}"]
         imports = ["from refattn.testing.precision import Precision"] if contract else []
@@ -201,7 +222,7 @@ class Failure:
             given.append(f"{argument} = {code}" if code else unprintable)
         return "\n".join(
             [
-                f"# Shrunk by refattn.testing.{'check_cache' if cache else 'check_attention'}: {o}",
+                f"# Shrunk by refattn.testing.{searched}: {o}",
                 f"from refattn.testing import {spec_type}, {check}",
                 *imports,
                 *source,
@@ -313,6 +334,8 @@ class Report:
     unavailable: str = ""  #: why the candidate cannot run here at all, if it cannot
     precision: Precision = SPEC  #: the precision contract the candidate was judged by
     ignored_rows: dict[str, int] = field(default_factory=dict)  #: "don't care" rows, per dtype
+    check: str = ""  #: the one-problem check of its reproducers ("" for the spec kind's own)
+    search: str = ""  #: the check that made it, as its reproducers name it ("" likewise)
 
     def count(self, dtype: str, tags: frozenset[str], outcome: Outcome) -> None:
         if outcome.ignored_rows:
@@ -377,6 +400,7 @@ class Report:
                     "allowed": f.outcome.allowed,
                     "lse_error": f.outcome.lse_error,
                     "lse_allowed": f.outcome.lse_allowed,
+                    "gradients": [list(g) for g in f.outcome.gradients],
                     "message": f.outcome.message,
                     "examples": f.examples,
                     "shrink_steps": f.shrink_steps,

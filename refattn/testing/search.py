@@ -172,13 +172,15 @@ def _shrunk_class(
                                    + (f"; first: {first}" if first else ""))  # fmt: skip
         return Failure(outcome, draw.index, 0, report.name, found=draw.outcome.spec,
                        source=report.source, features=draw.features,
-                       corners=draw.corners, precision=report.precision)  # fmt: skip
+                       corners=draw.corners, precision=report.precision,
+                       check=report.check, search=report.search)  # fmt: skip
     spec, tries = shrink(draw.outcome.spec, fails, allowed=allowed, budget=SHRINK_BUDGET)
     fails(spec)  # the shrunk problem judged last, so its outcome is the one reported
     outcome, features = last[0]
     return Failure(outcome, draw.index, tries, report.name, found=draw.outcome.spec,
                    source=report.source, features=features,
-                   corners=corners(outcome.spec), precision=report.precision)  # fmt: skip
+                   corners=corners(outcome.spec), precision=report.precision,
+                   check=report.check, search=report.search)  # fmt: skip
 
 
 def _explains(c: Failure, draw: _Draw) -> bool:
