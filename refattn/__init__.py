@@ -22,8 +22,8 @@ from refattn.merge import merge_states, merge_states_n
 
 __all__ = [
     "CrossAttentionCache",
-    "Gradients",
     "DynamicCache",
+    "Gradients",
     "KVCache",
     "PagedCache",
     "QuantizedCache",
