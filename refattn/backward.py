@@ -217,7 +217,7 @@ def attention_backward_blockwise(
                 if call.bias is not None:
                     ds_tiles[i].append(xp.zeros((B, Hkv, G, bq, bk), dtype=dtype, device=on))
                 continue  # a tile no query here can see: never loaded
-            rows = (slice(None), slice(None), slice(None), queries)
+            rows = (slice(None), slice(None), slice(None), queries, slice(None))
             dq_t, dk_t, dv_t, ds = backward_tile(
                 call, queries, keys, dout_g[rows], delta[rows], lse_g[rows]
             )
@@ -353,16 +353,16 @@ def _saved(
     and (B, Hkv, G, Sq, 1); ``forward()`` gives O and lse (grouped) when they are not given."""
     xp = call.xp
     B, Hq, Sq, _ = call.q.shape
-    Hkv = call.k.shape[1]
+    Hkv, Dv = call.k.shape[1], call.v.shape[-1]
 
-    def grouped(x: Array) -> Array:
+    def grouped(x: Array, last: int) -> Array:  # named, not -1: a size-0 array has no -1
         x = x if x.dtype == call.dtype else xp.astype(x, call.dtype)
-        return xp.reshape(x, (B, Hkv, Hq // Hkv, Sq, -1))
+        return xp.reshape(x, (B, Hkv, Hq // Hkv, Sq, last))
 
     if out is None or lse is None:
         out_g, lse_g = forward()  # (B, Hkv, G, Sq, Dv), (B, Hkv, G, Sq)
-        return grouped(dout), out_g, lse_g[..., None]
-    return grouped(dout), grouped(out), grouped(lse)
+        return grouped(dout, Dv), out_g, lse_g[..., None]
+    return grouped(dout, Dv), grouped(out, Dv), grouped(lse, 1)
 
 
 def _gradients(
