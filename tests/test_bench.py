@@ -4,6 +4,7 @@ time a wrong answer quietly. No timing is asserted: only that times exist and ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import refattn
-from refattn.bench import PEERS, Shape, command
+from refattn.bench import BACKWARD_PATHS, PEERS, Shape, command
 from refattn.cli import comma_separated_ints, main
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -107,6 +108,104 @@ def test_bench_marks_a_row_that_disagrees_with_sdpa_and_exits_non_zero(
     assert "MISMATCH" in printed
 
 
+def test_bench_backward_times_the_prefill_shapes_gradients_on_each_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = _bench(tmp_path, "--mode", "backward")
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = report["rows"]
+    shapes = {Shape(**r["shape"]) for r in rows}
+    assert shapes == {Shape("backward", 1, 2, 2, 8, 12, "float32")}  # the prefill grid's shape
+    shape = shapes.pop()
+    assert shape.causal and shape.q_len == 12
+    assert shape.flops == 1 * 2 * (12 * 13 // 2) * 2 * (3 * 8 + 2 * 8)  # five products a pair
+    spec = {(r["backend"], r["implementation"]) for r in rows if r["implementation"] not in PEERS}
+    assert spec == {(b, path) for b in BACKENDS for path in BACKWARD_PATHS}
+    for row in rows:
+        assert row["median_s"] > 0 and row["min_s"] <= row["median_s"]
+        assert row["gflops"] == pytest.approx(shape.flops / row["median_s"] / 1e9)
+        blockwise = row["implementation"] == "refattn.attention_backward_blockwise"
+        assert (row["block_q"], row["block_k"]) == ((8, 8) if blockwise else (None, None))
+    assert "causal prefill's backward" in printed and "refattn.attention_backward" in printed
+    assert "refattn backward blockwise bq=8 bk=8" in printed
+    assert "causal prefill (Sq = S)" not in printed and "decode step" not in printed
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the peers and the check need torch")
+def test_bench_backward_checks_every_row_against_sdpa_autograd_and_gives_ratios(
+    tmp_path: Path,
+) -> None:
+    _, report = _bench(tmp_path, "--mode", "backward")
+    rows = report["rows"]
+    assert [r["implementation"] for r in rows if r["backend"] == "torch"][:2] == list(PEERS)
+    for row in rows:
+        assert row["agrees"] is True, row
+        assert row["vs_sdpa"] > 0 and row["vs_fastest_torch"] > 0
+    (sdpa,) = [r for r in rows if r["implementation"] == "torch SDPA"]
+    assert sdpa["vs_sdpa"] == 1.0
+    assert sdpa["reference"] == "refattn.attention_backward on numpy cpu"
+    others = [r for r in rows if r["implementation"] != "torch SDPA"]
+    assert {r["reference"] for r in others} == {"torch SDPA on cpu"}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the check compares with SDPA's autograd")
+@pytest.mark.parametrize("wrong", ["dq", "dk", "dv"])
+def test_bench_marks_a_backward_row_with_one_wrong_gradient_and_exits_non_zero(
+    wrong: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    honest = refattn.attention_backward_blockwise
+
+    def one_gradient_off(*args: Any, **kwargs: Any) -> refattn.Gradients:
+        g = honest(*args, **kwargs)
+        return dataclasses.replace(g, **{wrong: getattr(g, wrong) + 1e-2})
+
+    monkeypatch.setattr(refattn, "attention_backward_blockwise", one_gradient_off)
+    code, report = _bench(tmp_path, "--backends", "numpy", "--mode", "backward")
+    printed = capsys.readouterr().out
+    assert code == 1
+    verdicts = {r["implementation"]: r["agrees"] for r in report["rows"]}
+    assert verdicts["refattn.attention_backward_blockwise"] is False
+    assert verdicts["refattn.attention_backward"] is True and verdicts["torch SDPA"] is True
+    assert "MISMATCH: refattn.attention_backward_blockwise" in printed
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the peers are torch's")
+def test_a_backward_step_times_the_backward_alone_given_the_saved_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from refattn.bench import Job, make_step
+
+    calls: dict[str, int] = {}
+
+    def counted(module: Any, name: str) -> None:
+        original = getattr(module, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            if name == "attention_backward":
+                assert kwargs["out"] is not None and kwargs["lse"] is not None
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    for name in ("attention", "attention_backward"):
+        counted(refattn, name)
+    counted(torch.nn.functional, "scaled_dot_product_attention")
+    shape = Shape("backward", 1, 2, 2, 8, 6, "float32")
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (torch.from_numpy(rng.standard_normal((1, 2, 6, 8), dtype=np.float32))
+                     for _ in range(4))  # fmt: skip
+    for path in ("refattn.attention_backward", "torch SDPA"):
+        step = make_step(Job(shape, path, "torch", "cpu", "cpu"), q, k, v, dout,
+                         block_q=4, block_k=4)  # fmt: skip
+        grads = [step() for _ in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[2], strict=True))
+    assert calls == {"attention": 1, "attention_backward": 3, "scaled_dot_product_attention": 1}
+
+
 def test_bench_plot_writes_a_file_or_says_matplotlib_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -154,17 +253,19 @@ def test_bench_rejects_a_bad_grid_before_timing_anything(
 
 def test_the_fused_cupy_kernel_is_planned_for_cupy_decode_rows_only() -> None:
     from refattn.backends import get
-    from refattn.bench import FUSED, SPEC_PATHS, Grid, Target, plan
+    from refattn.bench import FUSED, MODES, SPEC_PATHS, Grid, Target, plan
 
-    shapes = Grid(seq_lens=(16,), prefill_seq_lens=(8,), dtypes=("float16",)).shapes()
+    grid = Grid(modes=MODES, seq_lens=(16,), prefill_seq_lens=(8,), dtypes=("float16",))
     targets = [Target(get("cupy"), "cuda:0"), Target(get("numpy"), "cpu")]
-    jobs, _ = plan(shapes, targets)
+    jobs, _ = plan(grid.shapes(), targets)
     fused = [(j.shape.mode, j.backend) for j in jobs if j.implementation == FUSED]
     assert fused == [("decode", "cupy")]
     for backend in ("cupy", "numpy"):
-        for mode in ("decode", "prefill"):
+        for mode in ("decode", "prefill", "backward"):
             paths = {j.implementation for j in jobs if (j.backend, j.shape.mode) == (backend, mode)}
-            assert set(SPEC_PATHS) <= paths
+            assert paths - {*PEERS, FUSED} == set(
+                BACKWARD_PATHS if mode == "backward" else SPEC_PATHS
+            )
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs a second backend to tell the two apart")
@@ -188,5 +289,6 @@ def test_bench_command_declares_the_options_and_defaults_of_refattn_bench() -> N
     )  # fmt: skip
     assert (args.repeats, args.warmup, args.backends, args.json) == (5, 1, None, None)
     assert command.HELP and "refattn.bench" in command.DESCRIPTION
+    assert "backward" in parser.format_help()  # --mode backward is listed, if not default
     with pytest.raises(ValueError, match="expected comma-separated integers; got '1,two'"):
         comma_separated_ints("1,two")

@@ -2,7 +2,8 @@ r"""``refattn bench``: how fast the spec runs, against PyTorch and against the m
 
 What is timed
 -------------
-Two calls, on the same data on every backend:
+Two calls, on the same data on every backend, and, with ``--mode backward``, a
+third:
 
 * a **decode step**: one new query per head over a cache of S keys and values,
   q (B, Hq, 1, D), k and v (B, Hkv, S, D). The query sits at the end of the
@@ -10,6 +11,11 @@ Two calls, on the same data on every backend:
 * a **prefill**: S queries over their own S keys, causal, q (B, H, S, D) and
   k, v (B, H, S, D). For a square problem refattn's bottom-right causal
   alignment and SDPA's top-left ``is_causal`` are the same mask.
+
+* a **backward**: the gradients dq, dk and dv of a prefill (the prefill's
+  shapes and options, causal) for an output gradient dout (B, H, S, D). Only
+  the backward is timed, on both sides: refattn's is given the ``out`` and
+  ``lse`` its forward saved, torch's walks the graph its forward saved.
 
 Each runs through :func:`refattn.attention` and
 :func:`refattn.attention_blockwise` (``--block-q``, ``--block-k``) on every
@@ -20,6 +26,17 @@ selected backend, and through two PyTorch peers on the same data:
 * **torch matmul**: ``softmax(q k^T / sqrt(D)) v`` as plain torch calls. GQA
   reshapes q to (B, Hkv, G*Sq, D), so K and V are never repeated; the causal
   mask is built once outside the timing, as a model keeps it in a buffer.
+
+A backward runs through :func:`refattn.attention_backward` and
+:func:`refattn.attention_backward_blockwise` (the same ``--block-q`` and
+``--block-k``), each given ``out`` and ``lse`` from its own forward
+(:func:`refattn.attention` or :func:`refattn.attention_blockwise` with
+``return_lse=True``), and through the same two peers' autograd: each peer's
+forward runs once on q, k and v that require gradients, and the timed call
+is ``torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)``. The
+forwards run once, before the timing, and are in no row's time. The backward
+is left out of the default ``--mode`` (decode, prefill): on a 2-core CPU its
+default shape alone takes about twice as long as both of those.
 
 The peers run where the backend's arrays live: torch on the CPU for NumPy and
 array-api-strict, torch on the same device for torch, torch on the same GPU
@@ -38,7 +55,8 @@ against SDPA's on the same data (SDPA's own row against
 ``refattn.attention``) with ``np.allclose`` at the tolerances in
 :data:`refattn.testing.tolerance.AGREEMENT`; a row that disagrees is marked
 MISMATCH, because a time for a wrong answer is worthless, and the command
-exits 1.
+exits 1. A backward's output is its dq, dk and dv together, checked against
+SDPA's autograd (SDPA's against ``refattn.attention_backward``).
 
 Bandwidth, the floor and the fraction
 -------------------------------------
@@ -65,7 +83,10 @@ bandwidth (equal to floor / time): read, not copy, because a decode step
 reads K and V and writes almost nothing. A prefill is bound by arithmetic,
 not memory; its fraction is small by nature and its GFLOP/s counts
 2 (D + Dv) FLOPs per visible query-key pair (q.k and p.v; exponentials not
-counted; a causal prefill has S (S + 1) / 2 visible pairs per head).
+counted; a causal prefill has S (S + 1) / 2 visible pairs per head). A
+backward's counts FlashAttention-2's five products per pair, 2 (3 D + 2 Dv):
+the scores again, dV, dP, dQ and dK. Like a prefill's, its K+V bandwidth
+and fraction are small by nature.
 
 NumPy's own loops (the sum, the copy) use one thread, while the matrix
 products inside attention go to BLAS, which may use several: with more than
@@ -96,7 +117,17 @@ The package, a room per idea: :mod:`~refattn.bench.shapes` (the grid),
 """
 
 from refattn.bench.peers import make_step, torch_matmul, torch_sdpa
-from refattn.bench.plan import FUSED, PEERS, SPEC_PATHS, Job, Target, peer_device, plan
+from refattn.bench.plan import (
+    BACKWARD_PATHS,
+    FUSED,
+    PEERS,
+    SPEC_PATHS,
+    Job,
+    Target,
+    peer_device,
+    plan,
+    spec_paths,
+)
 from refattn.bench.report import format_seconds, machine_info, to_json
 from refattn.bench.run import Result, Row, main, run
 from refattn.bench.shapes import MODES, Grid, Settings, Shape
@@ -108,6 +139,7 @@ from refattn.testing.tolerance import AGREEMENT
 
 __all__ = [
     "AGREEMENT",
+    "BACKWARD_PATHS",
     "FUSED",
     "MODES",
     "PEERS",
@@ -129,6 +161,7 @@ __all__ = [
     "peer_device",
     "plan",
     "run",
+    "spec_paths",
     "time_calls",
     "to_json",
     "torch_matmul",

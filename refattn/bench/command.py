@@ -6,35 +6,58 @@ import argparse
 
 from refattn.cli import comma_separated, comma_separated_ints
 
-HELP = "time decode steps and prefills against PyTorch SDPA and the memory bandwidth"
+HELP = (
+    "time decode steps, prefills and prefills' backward against PyTorch SDPA and the memory "
+    "bandwidth"
+)
 DESCRIPTION = (
     "Time refattn.attention and refattn.attention_blockwise on each backend against PyTorch "
     "SDPA and a plain torch matmul-softmax-matmul, on the same data, and against the device's "
-    "measured memory bandwidth (see refattn.bench). Every size option takes comma-separated "
+    "measured memory bandwidth (see refattn.bench). --mode backward times "
+    "refattn.attention_backward and refattn.attention_backward_blockwise on the prefill shapes "
+    "against torch's autograd of the same two peers. Every size option takes comma-separated "
     "values; the grid is every combination."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``refattn bench``."""
-    parser.add_argument("--mode", default="decode,prefill", help="decode, prefill or both")
+    parser.add_argument(
+        "--mode",
+        default="decode,prefill",
+        help="comma-separated: decode, prefill, backward (the prefill shapes' gradients, "
+        "given the saved forward)",
+    )
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes B")
     parser.add_argument("--q-heads", default="32", help="decode: query heads Hq")
     parser.add_argument("--kv-heads", default="8", help="decode: key/value heads Hkv")
     parser.add_argument("--head-dim", default="128", help="decode: head dimension D")
     parser.add_argument("--seq-lens", default="1024,4096,16384", help="decode: cache lengths S")
-    parser.add_argument("--prefill-heads", default="16", help="prefill: heads (Hq = Hkv)")
-    parser.add_argument("--prefill-head-dim", default="64", help="prefill: head dimension D")
-    parser.add_argument("--prefill-seq-lens", default="2048", help="prefill: sequence lengths S")
+    parser.add_argument(
+        "--prefill-heads", default="16", help="prefill and backward: heads (Hq = Hkv)"
+    )
+    parser.add_argument(
+        "--prefill-head-dim", default="64", help="prefill and backward: head dimension D"
+    )
+    parser.add_argument(
+        "--prefill-seq-lens", default="2048", help="prefill and backward: sequence lengths S"
+    )
     parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes")
     parser.add_argument(
         "--backends",
         help="comma-separated backends (default: every available one but array_api_strict, "
         "which runs only when named)",
     )
-    parser.add_argument("--block-k", type=int, default=512, help="attention_blockwise's block_k")
     parser.add_argument(
-        "--block-q", type=int, help="attention_blockwise's block_q (default: --block-k)"
+        "--block-k",
+        type=int,
+        default=512,
+        help="block_k of attention_blockwise and attention_backward_blockwise",
+    )
+    parser.add_argument(
+        "--block-q",
+        type=int,
+        help="block_q of attention_blockwise and attention_backward_blockwise (default: --block-k)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")

@@ -1,9 +1,9 @@
 """Which rows ``refattn bench`` times, where, and in what order.
 
-A row is a path (the spec's two, the fused CuPy kernel, the torch peers) on a
-backend and device for one shape. The peers run where the backend's arrays
-live and are timed once per peer device and shape, before the spec rows that
-compare with them.
+A row is a path (the spec's two, or its backward's two; the fused CuPy kernel;
+the torch peers) on a backend and device for one shape. The peers run where
+the backend's arrays live and are timed once per peer device and shape, before
+the spec rows that compare with them.
 """
 
 from __future__ import annotations
@@ -14,16 +14,29 @@ from dataclasses import dataclass
 from refattn.backends import BACKENDS, Backend, get
 from refattn.bench.shapes import Shape
 
-#: The spec's two paths, timed on every selected backend.
+#: The spec's two paths, timed on every selected backend: the plain one, then the blockwise.
 SPEC_PATHS = ("refattn.attention", "refattn.attention_blockwise")
+
+
+#: The spec's two backward paths, timed on every selected backend in the backward mode.
+BACKWARD_PATHS = ("refattn.attention_backward", "refattn.attention_backward_blockwise")
 
 
 #: The fused split-KV decode kernel of ``backends/cupy_kernels/``, timed on CuPy decode rows.
 FUSED = "cupy fused decode"
 
 
-#: The PyTorch peers, timed once per peer device.
+#: The PyTorch peers, timed once per peer device; in the backward mode, their autograd.
 PEERS = ("torch SDPA", "torch matmul")
+
+
+def spec_paths(mode: str) -> tuple[str, str]:
+    """The spec's plain and blockwise paths for ``mode``.
+
+    >>> spec_paths("backward")
+    ('refattn.attention_backward', 'refattn.attention_backward_blockwise')
+    """
+    return BACKWARD_PATHS if mode == "backward" else SPEC_PATHS
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ def plan(shapes: Iterable[Shape], targets: Sequence[Target]) -> tuple[list[Job],
             if peer is not None and peer not in peers_planned:
                 jobs += [Job(shape, name, "torch", peer, peer) for name in PEERS]
                 peers_planned.add(peer)
-            paths: tuple[str, ...] = SPEC_PATHS
+            paths: tuple[str, ...] = spec_paths(shape.mode)
             if target.backend.name == "cupy" and shape.mode == "decode":
                 paths = (*SPEC_PATHS, FUSED)
             jobs += [Job(shape, name, target.backend.name, target.device, peer)

@@ -86,10 +86,22 @@ def format_tables(rows: Sequence[Row]) -> list[Table]:
     return [format_table(mode, dtype, group) for (mode, dtype), group in groups.items()]
 
 
+#: Each mode's table title: what one timed call is. A backward row is the backward
+#: alone: the spec's paths given their forward's ``out`` and ``lse``, torch's
+#: ``torch.autograd.grad`` through its forward's graph (see :mod:`refattn.bench.peers`).
+TITLES = {
+    "decode": "decode step (Sq = 1)",
+    "prefill": "causal prefill (Sq = S)",
+    "backward": (
+        "causal prefill's backward (Sq = S): dq, dk, dv from the saved forward (torch: "
+        "autograd.grad through its graph); no forward timed"
+    ),
+}
+
+
 def format_table(mode: str, dtype: str, rows: Sequence[Row]) -> Table:
     """One mode and dtype: time, bandwidth, floor, arithmetic rate, ratios and check."""
-    what = "decode step (Sq = 1)" if mode == "decode" else "causal prefill (Sq = S)"
-    table = Table(title=f"{what}, {dtype}: median time per call", title_justify="left")
+    table = Table(title=f"{TITLES[mode]}, {dtype}: median time per call", title_justify="left")
     for name in ("BxHq/HkvxSxD", "implementation", "on"):
         table.add_column(name)
     for name in ("median", "K+V GB/s", "% read BW", "floor", "GFLOP/s", "/ SDPA",
@@ -99,7 +111,8 @@ def format_table(mode: str, dtype: str, rows: Sequence[Row]) -> Table:
     for row in rows:
         name = row.implementation
         if row.block_k is not None:
-            name = f"refattn blockwise bq={row.block_q} bk={row.block_k}"
+            kind = "backward blockwise" if mode == "backward" else "blockwise"
+            name = f"refattn {kind} bq={row.block_q} bk={row.block_k}"
         if row.agrees is None:
             check = "-"
         elif row.agrees:

@@ -4,6 +4,8 @@ Every row's output is checked once against SDPA's on the same data (SDPA's
 own against the spec's), by ``np.allclose`` at
 :data:`refattn.testing.tolerance.AGREEMENT`; a row that disagrees is marked
 MISMATCH and the run exits 1, because a time for a wrong answer is worthless.
+A backward row's output is its dq, dk and dv, checked against those of
+SDPA's autograd.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from rich.console import Console
 
 from refattn.backends import Backend, get
 from refattn.bench.peers import make_step
-from refattn.bench.plan import PEERS, Job, bandwidth_targets, plan, select_targets
+from refattn.bench.plan import PEERS, Job, bandwidth_targets, plan, select_targets, spec_paths
 from refattn.bench.report import bandwidth_table, format_tables, plot, to_json
 from refattn.bench.shapes import Grid, Settings, Shape
 from refattn.bench.timing import Bandwidth, bandwidth_bytes, measure_bandwidth, time_calls
@@ -86,13 +88,13 @@ def run(
         checks.start(job.shape, seed)
         step = make_step(job, *checks.arrays(job), block_q=block_q, block_k=block_k)
         backend = get(job.backend)
-        out = backend.to_numpy(step())  # the one checked call, outside the timing
+        out = checked_output(backend, step())  # the one checked call, outside the timing
 
         def synchronize(backend: Backend = backend, device: str = job.device) -> None:
             backend.synchronize(device)
 
         median, minimum = time_calls(step, synchronize, repeats=repeats, warmup=warmup)
-        blocks = job.implementation == "refattn.attention_blockwise"
+        blocks = job.implementation == spec_paths(job.shape.mode)[1]
         row = Row(
             shape=job.shape, implementation=job.implementation, backend=job.backend,
             device=job.device, block_q=block_q if blocks else None,
@@ -110,7 +112,8 @@ class _Checks:
     """One shape's data on each backend, and the outputs that check each other.
 
     Every row is compared with SDPA's output on its peer device; SDPA's own row
-    waits for the first spec row that uses it, and is compared with that.
+    waits for the first plain spec row (``refattn.attention``, or
+    ``refattn.attention_backward``) that uses it, and is compared with that.
     """
 
     def __init__(self) -> None:
@@ -126,13 +129,14 @@ class _Checks:
         self.unchecked_sdpa: dict[str, Row] = {}  # peer device -> SDPA's row
 
     def arrays(self, job: Job) -> tuple[Any, ...]:
-        """q, k and v on the job's backend and device, converted once."""
+        """q, k and v (and a backward's dout) on the job's backend and device, converted
+        once."""
         where = (job.backend, job.device)
         if where not in self.on_backend:
             backend = get(job.backend)
             self.on_backend[where] = tuple(
-                backend.asarray(self.data[name], dtype=job.shape.dtype, device=job.device)
-                for name in ("q", "k", "v")
+                backend.asarray(x, dtype=job.shape.dtype, device=job.device)
+                for x in self.data.values()
             )
         return self.on_backend[where]
 
@@ -145,14 +149,15 @@ class _Checks:
         if job.implementation == "torch SDPA":
             self.unchecked_sdpa[job.device] = row
         sdpa_row = self.unchecked_sdpa.get(job.peer_device or "")
-        if job.implementation == "refattn.attention" and sdpa_row is not None:
+        if job.implementation == spec_paths(job.shape.mode)[0] and sdpa_row is not None:
             compare(sdpa_row, self.outputs[sdpa_row.implementation, "torch", sdpa_row.device],
-                    out, f"refattn.attention on {job.backend} {job.device}")  # fmt: skip
+                    out, f"{job.implementation} on {job.backend} {job.device}")  # fmt: skip
             del self.unchecked_sdpa[sdpa_row.device]
 
 
 def draw_data(shape: Shape, seed: int) -> dict[str, np.ndarray]:
-    """q (B, Hq, Sq, D), k and v (B, Hkv, S, D): standard normal, from ``seed``.
+    """q (B, Hq, Sq, D), k and v (B, Hkv, S, D), and for a backward the output's
+    gradient dout (B, Hq, Sq, D): standard normal, from ``seed``.
 
     Drawn in float32 (float64 for a float64 shape): a GPU grid holds caches of
     several GB, and drawing them in float64 would take longer than timing them.
@@ -160,11 +165,22 @@ def draw_data(shape: Shape, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, D, S = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim, shape.seq_len
     dtype = np.float64 if shape.dtype == "float64" else np.float32
-    return {
+    data = {
         "q": rng.standard_normal((B, Hq, shape.q_len, D), dtype=dtype),
         "k": rng.standard_normal((B, Hkv, S, D), dtype=dtype),
         "v": rng.standard_normal((B, Hkv, S, D), dtype=dtype),
     }
+    if shape.mode == "backward":
+        data["dout"] = rng.standard_normal((B, Hq, shape.q_len, D), dtype=dtype)
+    return data
+
+
+def checked_output(backend: Backend, out: Any) -> np.ndarray:
+    """A call's output as one NumPy array: a backward's (dq, dk, dv) flattened and joined,
+    so that one ``np.allclose`` checks all three."""
+    if isinstance(out, tuple):
+        return np.concatenate([np.ravel(backend.to_numpy(x)) for x in out])
+    return backend.to_numpy(out)
 
 
 def compare(row: Row, out: np.ndarray, reference: np.ndarray, name: str) -> None:

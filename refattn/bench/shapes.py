@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-MODES = ("decode", "prefill")
+#: ``backward`` times the gradients of a prefill: the prefill's shapes, causal.
+MODES = ("decode", "prefill", "backward")
 
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
@@ -16,7 +17,7 @@ class Shape:
     """One attention problem of the grid.
 
     ``seq_len`` is S, the number of keys (the cache length); a decode step has
-    one query per head, a prefill S.
+    one query per head, a prefill S, and a backward is a prefill's gradients.
 
     Examples
     --------
@@ -36,13 +37,14 @@ class Shape:
 
     @property
     def q_len(self) -> int:
-        """Queries per head: one for a decode step, S for a prefill."""
+        """Queries per head: one for a decode step, S for a prefill and its backward."""
         return 1 if self.mode == "decode" else self.seq_len
 
     @property
     def causal(self) -> bool:
-        """Prefill is causal; a decode step's one query sees every key anyway."""
-        return self.mode == "prefill"
+        """Prefill and its backward are causal; a decode step's one query sees every key
+        anyway."""
+        return self.mode != "decode"
 
     @property
     def kv_bytes(self) -> int:
@@ -51,10 +53,22 @@ class Shape:
 
     @property
     def flops(self) -> int:
-        """2 (D + Dv) FLOPs for each visible query-key pair of each query head."""
-        S = self.seq_len
+        """FLOPs of the products, for each visible query-key pair of each query head.
+
+        The forward's two, q.k and p.v: 2 (D + Dv). The backward's five, as
+        FlashAttention-2 counts them: the scores again (q.k), dV (P^T dO), dP
+        (dO V^T), dQ (dS K) and dK (dS^T Q): 2 (3 D + 2 Dv), 2.5 times the
+        forward's.
+
+        >>> shape = Shape("backward", batch=1, q_heads=1, kv_heads=1, head_dim=4,
+        ...               seq_len=2, dtype="float32")
+        >>> shape.flops  # 3 visible pairs, 2 (3 * 4 + 2 * 4) each
+        120
+        """
+        S, D = self.seq_len, self.head_dim
         pairs = S if self.mode == "decode" else S * (S + 1) // 2
-        return 2 * self.batch * self.q_heads * pairs * 2 * self.head_dim
+        per_pair = 2 * (3 * D + 2 * D) if self.mode == "backward" else 2 * (D + D)
+        return self.batch * self.q_heads * pairs * per_pair
 
     @property
     def label(self) -> str:
@@ -68,16 +82,18 @@ class Grid:
 
     Decode combines ``batch``, ``q_heads``, ``kv_heads``, ``head_dims`` and
     ``seq_lens``; prefill combines ``batch``, ``prefill_heads`` (Hq = Hkv),
-    ``prefill_head_dims`` and ``prefill_seq_lens``.
+    ``prefill_head_dims`` and ``prefill_seq_lens``, and backward times the
+    gradients of those same prefills.
 
     Examples
     --------
-    >>> grid = Grid(modes=("decode", "prefill"), seq_lens=(16, 32), prefill_seq_lens=(8,))
+    >>> grid = Grid(modes=("decode", "prefill", "backward"), seq_lens=(16, 32),
+    ...             prefill_seq_lens=(8,))
     >>> [(s.mode, s.seq_len) for s in grid.shapes()]
-    [('decode', 16), ('decode', 32), ('prefill', 8)]
+    [('decode', 16), ('decode', 32), ('prefill', 8), ('backward', 8)]
     """
 
-    modes: Sequence[str] = MODES
+    modes: Sequence[str] = ("decode", "prefill")
     batch: Sequence[int] = (1,)
     q_heads: Sequence[int] = (32,)
     kv_heads: Sequence[int] = (8,)
@@ -114,7 +130,7 @@ class Grid:
             if mode == "decode":
                 heads = [(hq, hkv) for hq in self.q_heads for hkv in self.kv_heads]
                 dims, lens = self.head_dims, self.seq_lens
-            else:
+            else:  # a prefill, or a prefill's backward
                 heads = [(h, h) for h in self.prefill_heads]
                 dims, lens = self.prefill_head_dims, self.prefill_seq_lens
             for hq, hkv in heads:
