@@ -32,6 +32,7 @@ PAGES = (
     "why-cache",
     "caches",
     "blockwise",
+    "backward",
     "verify",
     "conformance",
     "backends",

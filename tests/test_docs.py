@@ -68,6 +68,19 @@ def test_cache_figures_draw_every_cache_kind_from_the_classes(tmp_path: Path) ->
         assert path.read_bytes().startswith(PNG) and path.stat().st_size > 10_000
 
 
+def test_every_page_is_in_the_toctree_and_rendered_by_the_render_check() -> None:
+    pages = sorted(p.stem for p in DOCS.glob("*.md"))
+    assert "backward" in pages and "index" in pages, pages
+    spec = importlib.util.spec_from_file_location("check_render", DOCS / "check_render.py")
+    assert spec is not None and spec.loader is not None
+    check_render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_render)
+    assert sorted(check_render.PAGES) == pages
+    toctree = (DOCS / "index.md").read_text().split("```{toctree}")[1].split("```")[0]
+    listed = [line for line in toctree.splitlines() if line and not line.startswith(":")]
+    assert sorted(["index", *listed]) == pages
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 @pytest.mark.skipif(
     importlib.util.find_spec("sphinx") is None, reason="the docs extra is not installed"
