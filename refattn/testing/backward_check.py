@@ -62,7 +62,7 @@ from refattn.testing.report import Outcome, Report
 from refattn.testing.search import search
 from refattn.testing.strategies import attention_specs
 from refattn.testing.tolerance import TOLERANCES, finite_max_abs, max_abs_error
-from refattn.testing.verdict import MAX_BLOCKS, as_numpy
+from refattn.testing.verdict import MAX_BLOCKS, as_numpy, dims_order, scale_of
 
 #: The gradients a backward returns, in the order they are judged.
 GRADIENTS = ("dq", "dk", "dv", "dsink_logits", "dbias")
@@ -280,16 +280,27 @@ def _on_numpy(
     form: Callable[..., Any],
     *,
     saved: bool = False,
+    kept_lse: Callable[[np.ndarray], np.ndarray] | None = None,
+    forward: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
 ) -> Gradient:
     """``form`` (a backward of the spec) on NumPy in ``dtype``; its gradients as float64.
-    With ``saved``, the spec's forward in ``dtype`` first, and its out and lse handed on."""
+    With ``saved``, the spec's forward in ``dtype`` first, on the ``forward`` arrays and
+    scalars where given (the same problem, rounded otherwise), and its out and lse handed
+    on (the lse as ``kept_lse`` keeps it, where given)."""
     backend = get("numpy")
-    on = {n: backend.asarray(x, dtype=dtype, device="cpu") for n, x in arrays.items()}
+
+    def on_numpy(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {n: backend.asarray(x, dtype=dtype, device="cpu") for n, x in arrays.items()}
+
+    on = on_numpy(arrays)
     d_out = backend.asarray(dout, dtype=dtype, device="cpu")
     kept = {}
     if saved:
-        out, lse = attention(**on, **scalars, return_lse=True)
-        kept = {"out": out, "lse": lse}
+        forward_on, forward_scalars = (on, scalars) if forward is None else forward
+        if forward is not None:
+            forward_on = on_numpy(forward_on)
+        out, lse = attention(**forward_on, **forward_scalars, return_lse=True)
+        kept = {"out": out, "lse": lse if kept_lse is None else kept_lse(lse)}
     grads = form(on.pop("q"), on.pop("k"), on.pop("v"), d_out, **kept, **on, **scalars)
     return {
         name: None if getattr(grads, name) is None
@@ -305,6 +316,45 @@ def _one_pass(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
 def _saved_forward(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
     """The forward's out saved in ``dtype`` (and its lse), as a kernel keeps them."""
     return _on_numpy(arrays, scalars, dout, dtype, attention_backward, saved=True)
+
+
+def _lse_in_base_2(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The forward's lse saved in base 2 (:math:`\\log_2 Z = \\text{lse} / \\ln 2`, in the
+    lse's float32 or float64), as FlexAttention and Triton's kernels keep it, and turned back
+    in the backward: two more roundings of a number as large as the row's largest score,
+    which :math:`P = e^{s - \\text{lse}}` feels in full where the scores are near 1e4 and the
+    spec's own lse is exact (a row nearly one-hot, whose lse is its largest score)."""
+
+    def round_trip(lse: np.ndarray) -> np.ndarray:
+        ln2 = np.asarray(math.log(2.0), dtype=lse.dtype)
+        with np.errstate(invalid="ignore"):  # -inf, a row that sees nothing, stays -inf
+            return (lse / ln2) * ln2
+
+    return _on_numpy(arrays, scalars, dout, dtype, attention_backward, saved=True,
+                     kept_lse=round_trip)  # fmt: skip
+
+
+def _forward_dims_reordered(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The forward's out and lse from the head dim in another order, the backward's scores
+    in the first: a kernel's backward recomputes :math:`P = e^{s - \\text{lse}}` with a
+    product of its own, and where the scores are near 1e4 its rounding of a row's largest
+    score and the forward's differ by an ulp of it, which P feels in full. (The spec's
+    forward and backward round alike, so on a row nearly one-hot they are exact.)"""
+    order = dims_order(arrays["q"].shape[-1])
+    permuted = {name: arrays[name][..., order] for name in ("q", "k")}
+    return _on_numpy(arrays, scalars, dout, dtype, attention_backward, saved=True,
+                     forward=({**arrays, **permuted}, scalars))  # fmt: skip
+
+
+def _forward_scale_on_keys(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """As :func:`_forward_dims_reordered`, with the forward's scale on the keys instead
+    (float32 and float64 only, as :func:`_scale_on_keys`)."""
+    if dtype not in ("float32", "float64"):
+        return {}
+    k = arrays["k"].astype(dtype) * np.asarray(scale_of(arrays, scalars), dtype=dtype)
+    return _on_numpy(arrays, scalars, dout, dtype, attention_backward, saved=True,
+                     forward=({**arrays, "k": k.astype(np.float64)},
+                              {**scalars, "scale": 1.0}))  # fmt: skip
 
 
 def _blockwise(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
@@ -334,11 +384,51 @@ def _keys_reversed(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient
     return grads
 
 
+def _scale_on_keys(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The scale folded into the keys, rounded to the dtype (float32 and float64 only, as
+    the forward's order): the scores round as in a kernel that scales after the product.
+    The scaled keys' gradient times the scale is the keys'."""
+    if dtype not in ("float32", "float64"):
+        return {}
+    scale = scale_of(arrays, scalars)
+    k = (arrays["k"].astype(dtype) * np.asarray(scale, dtype=dtype)).astype(np.float64)
+    grads = _on_numpy({**arrays, "k": k}, {**scalars, "scale": 1.0}, dout, dtype,
+                      attention_backward)  # fmt: skip
+    dk = grads["dk"]
+    grads["dk"] = None if dk is None else dk * scale
+    return grads
+
+
+def _dims_reordered(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The head dim of q and k in another order, so every dot product with them (the
+    scores, dQ's and dK's) sums in another order; dq and dk put back."""
+    order = dims_order(arrays["q"].shape[-1])
+    permuted = {name: arrays[name][..., order] for name in ("q", "k")}
+    grads = _on_numpy({**arrays, **permuted}, scalars, dout, dtype, attention_backward)
+    back = np.argsort(order)
+    for name in ("dq", "dk"):
+        g = grads[name]
+        grads[name] = None if g is None else g[..., back]
+    return grads
+
+
 Order = Callable[[dict[str, Any], dict[str, Any], np.ndarray, str], Gradient]
-#: Correct evaluations of the backward that round in different orders: one pass, the
-#: forward's output saved in the dtype first, FlashAttention-2's blockwise loop, and the
-#: keys reversed.
-BACKWARD_ORDERS: tuple[Order, ...] = (_one_pass, _saved_forward, _blockwise, _keys_reversed)
+#: Correct evaluations of the backward that round in different orders: one pass; the
+#: forward's output saved in the dtype first (its lse as it is, or in base 2, or the forward
+#: rounded in another order than the backward's recomputed scores); FlashAttention-2's
+#: blockwise loop; the keys reversed; the scale on the keys and the head dim reordered (the
+#: forward's orders).
+BACKWARD_ORDERS: tuple[Order, ...] = (
+    _one_pass,
+    _saved_forward,
+    _lse_in_base_2,
+    _forward_dims_reordered,
+    _forward_scale_on_keys,
+    _blockwise,
+    _keys_reversed,
+    _scale_on_keys,
+    _dims_reordered,
+)
 
 
 def _expected(name: str, arrays: Mapping[str, Any]) -> bool:

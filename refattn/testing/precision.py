@@ -598,7 +598,9 @@ def evaluate_backward(
             "dbias": None,
         }
         if sink is not None:
-            dsink = -np.sum(np.exp(sink - lse) * delta, axis=(0, 3, 4))  # (Hkv, G)
+            # The sink's weight rounds as a key's does, and so does its term of the sum.
+            weight = rounded(np.exp(rounded(sink - shift, work)), stages.softmax)
+            dsink = -np.sum(rounded(weight * delta, work), axis=(0, 3, 4))  # (Hkv, G)
             grads["dsink_logits"] = rounded(np.reshape(dsink, (Hq,)), dtype)
         if arrays.get("bias") is not None:
             shape = np.shape(arrays["bias"])

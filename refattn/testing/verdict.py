@@ -246,17 +246,28 @@ def _scale_on_keys(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str) 
     """
     if dtype not in ("float32", "float64"):
         return arrays, attention, {}
-    scale = scalars.get("scale")
-    if scale is None:
-        scale = 1.0 / math.sqrt(arrays["q"].shape[-1]) if arrays["q"].shape[-1] else 0.0
+    scale = scale_of(arrays, scalars)
     k = (arrays["k"].astype(dtype) * np.asarray(scale, dtype=dtype)).astype(np.float64)
     return {**arrays, "k": k}, attention, {"scale": 1.0}
 
 
+def scale_of(arrays: dict[str, Any], scalars: dict[str, Any]) -> float:
+    """The problem's scale: the one given, or :math:`1/\\sqrt{D}` (0 for D = 0)."""
+    scale = scalars.get("scale")
+    if scale is None:
+        D = arrays["q"].shape[-1]
+        scale = 1.0 / math.sqrt(D) if D else 0.0
+    return float(scale)
+
+
+def dims_order(D: int) -> np.ndarray:
+    """The head dim's order that :func:`_dims_reordered` sums in: reversed, then rolled."""
+    return np.roll(np.arange(D)[::-1], D // 2)
+
+
 def _dims_reordered(arrays: dict[str, Any], scalars: dict[str, Any], dtype: str) -> Any:
     """The head dim of q and k in another order: each dot product sums in another order."""
-    D = arrays["q"].shape[-1]
-    order = np.roll(np.arange(D)[::-1], D // 2)
+    order = dims_order(arrays["q"].shape[-1])
     return {**arrays, "q": arrays["q"][..., order], "k": arrays["k"][..., order]}, attention, {}
 
 

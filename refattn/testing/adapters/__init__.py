@@ -43,6 +43,13 @@ adapter                            expresses                            raises U
                                    the call (``k=``, ``v=``), present   kvcache``
 =================================  ===================================  ==========================
 
+The gradients of ``flash_attn_func`` and ``flash_attn_varlen_func`` (flash-attn's
+backward kernels, by ``torch.autograd``) are ``flash_attn_func_backward`` and
+``flash_attn_varlen_func_backward``
+(:mod:`~refattn.testing.adapters.flash_backward`), candidates for
+:func:`~refattn.testing.check_attention_backward`: they express what their
+forward does, less the lse.
+
 Each flash adapter declares its :class:`~refattn.testing.constraints.Constraints`
 (:data:`FLASH_CONSTRAINTS`: head dims up to 256, ``Dv == D``), so
 ``check_attention`` draws only problems of those shapes.
@@ -72,13 +79,19 @@ from refattn.testing.adapters.flash import (
     flash_attn_with_kvcache_in_op,
     flash_attn_with_kvcache_paged,
 )
+from refattn.testing.adapters.flash_backward import (
+    flash_attn_func_backward,
+    flash_attn_varlen_func_backward,
+)
 from refattn.testing.adapters.hf import transformers_eager, transformers_sdpa
 from refattn.testing.adapters.pytorch import torch_flex_attention, torch_sdpa
 
 __all__ = [
     "FLASH_CONSTRAINTS",
     "flash_attn_func",
+    "flash_attn_func_backward",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_func_backward",
     "flash_attn_with_kvcache",
     "flash_attn_with_kvcache_in_op",
     "flash_attn_with_kvcache_paged",

@@ -226,9 +226,11 @@ def torch_flex_attention_dynamic(problem: AttentionProblem) -> Any:
     return _flex(problem, compiled="dynamic")
 
 
-def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
+def _flex(problem: AttentionProblem, *, compiled: str | None, traced: bool = False) -> Any:
     """FlexAttention on the problem: compiled for this size (``"static"``), for every size
-    (``"dynamic"``), or run as eager PyTorch (None)."""
+    (``"dynamic"``), or run as eager PyTorch (None): directly (see :func:`_uncompiled`), or
+    ``traced`` through FlexAttention's own operator and its autograd, as a backward needs
+    (directly, no gradient reaches a tensor the ``score_mod`` captures)."""
     flex = _flex_attention_module()
     import torch
 
@@ -256,6 +258,9 @@ def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
         mask = None if mask is None else torch.nn.functional.pad(mask, (0, 1), value=True)
         bias = None if bias is None else torch.nn.functional.pad(bias, (0, 1))
     causal, softcap = problem.causal, problem.softcap
+    cap: Any = softcap  # traced, a captured Python float fails under autograd; a tensor not
+    if traced and softcap is not None:
+        cap = torch.tensor(softcap, dtype=working, device=q.device)
     window, window_right, sink_tokens = problem.window, problem.window_right, problem.sink_tokens
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -278,8 +283,8 @@ def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
         slopes = as_torch(problem.alibi_slopes, q.device).to(working).expand(B, Hq)
 
     def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
+        if cap is not None:
+            score = cap * torch.tanh(score / cap)
         if slopes is not None:
             score = score - slopes[b, h] * (q_pos[b, q_idx] - k_pos[b, kv_idx]).abs()
         if bias is not None:
@@ -301,7 +306,8 @@ def _flex(problem: AttentionProblem, *, compiled: str | None) -> Any:
         with _torch_internal_deprecations_ignored():
             result = _compiled_flex(flex, dynamic=compiled == "dynamic")(q, k, v, **arguments)
     else:
-        with _uncompiled(flex), warnings.catch_warnings():
+        direct = contextlib.nullcontext() if traced else _uncompiled(flex)
+        with direct, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING, category=UserWarning)
             result = flex.flex_attention(q, k, v, **arguments)
     if not problem.return_lse:
