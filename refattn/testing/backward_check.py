@@ -39,6 +39,7 @@ from refattn.attention import attention
 from refattn.backends import Case, get
 from refattn.backends.base import round_to
 from refattn.backward import attention_backward, attention_backward_blockwise
+from refattn.blockwise import attention_blockwise
 from refattn.testing.candidate import (
     AttentionProblem,
     check_budget,
@@ -282,11 +283,12 @@ def _on_numpy(
     saved: bool = False,
     kept_lse: Callable[[np.ndarray], np.ndarray] | None = None,
     forward: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
+    forward_form: Callable[..., Any] = attention,
 ) -> Gradient:
     """``form`` (a backward of the spec) on NumPy in ``dtype``; its gradients as float64.
-    With ``saved``, the spec's forward in ``dtype`` first, on the ``forward`` arrays and
-    scalars where given (the same problem, rounded otherwise), and its out and lse handed
-    on (the lse as ``kept_lse`` keeps it, where given)."""
+    With ``saved``, the spec's forward (``forward_form``) in ``dtype`` first, on the
+    ``forward`` arrays and scalars where given (the same problem, rounded otherwise), and
+    its out and lse handed on (the lse as ``kept_lse`` keeps it, where given)."""
     backend = get("numpy")
 
     def on_numpy(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -299,7 +301,7 @@ def _on_numpy(
         forward_on, forward_scalars = (on, scalars) if forward is None else forward
         if forward is not None:
             forward_on = on_numpy(forward_on)
-        out, lse = attention(**forward_on, **forward_scalars, return_lse=True)
+        out, lse = forward_form(**forward_on, **forward_scalars, return_lse=True)
         kept = {"out": out, "lse": lse if kept_lse is None else kept_lse(lse)}
     grads = form(on.pop("q"), on.pop("k"), on.pop("v"), d_out, **kept, **on, **scalars)
     return {
@@ -357,6 +359,24 @@ def _forward_scale_on_keys(arrays: Any, scalars: Any, dout: Any, dtype: str) -> 
                               {**scalars, "scale": 1.0}))  # fmt: skip
 
 
+def _online_forward(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The forward's out and lse from the online softmax, a key at a time (in at most
+    :data:`MAX_BLOCKS` blocks), as FlashAttention's forward saves them; the backward in one
+    pass. The rescaled running sums round the output otherwise, which :math:`D` and, with
+    large keys, :math:`dQ = dS\\, K` carry."""
+    Sk = arrays["k"].shape[-2]
+    form = partial(attention_blockwise, block_q=16, block_k=max(1, -(-Sk // MAX_BLOCKS)))
+    return _on_numpy(arrays, scalars, dout, dtype, attention_backward, saved=True,
+                     forward_form=form)  # fmt: skip
+
+
+def _delta_over_keys(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """:math:`D_i = \\sum_j P_{ij} dP_{ij}`, summed over the keys in working precision, as
+    the softmax's own backward forms it (autograd through a plain softmax), in place of
+    :math:`dO_i \\cdot o_i` (:func:`~refattn.testing.precision.evaluate_backward`)."""
+    return evaluate_backward(arrays, scalars, dout, dtype, SPEC, delta_from="weights")
+
+
 def _blockwise(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
     """FlashAttention-2's loop, eight keys a tile (at most :data:`MAX_BLOCKS` tiles a row)."""
     Sk = arrays["k"].shape[-2]
@@ -412,22 +432,39 @@ def _dims_reordered(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradien
     return grads
 
 
+def _value_dims_reordered(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The value dim of v and dO in another order, so :math:`D_i = dO_i \\cdot o_i` and
+    :math:`dP_{ij} = dO_i \\cdot v_j` sum in another order: on a row nearly one-hot,
+    :math:`dP_{ij} - D_i` is a cancellation whose rounding :math:`dQ = dS\\, K` multiplies
+    by the keys; dv put back."""
+    order = dims_order(arrays["v"].shape[-1])
+    grads = _on_numpy({**arrays, "v": arrays["v"][..., order]}, scalars, dout[..., order],
+                      dtype, attention_backward)  # fmt: skip
+    dv = grads["dv"]
+    grads["dv"] = None if dv is None else dv[..., np.argsort(order)]
+    return grads
+
+
 Order = Callable[[dict[str, Any], dict[str, Any], np.ndarray, str], Gradient]
 #: Correct evaluations of the backward that round in different orders: one pass; the
 #: forward's output saved in the dtype first (its lse as it is, or in base 2, or the forward
-#: rounded in another order than the backward's recomputed scores); FlashAttention-2's
-#: blockwise loop; the keys reversed; the scale on the keys and the head dim reordered (the
-#: forward's orders).
+#: rounded in another order than the backward's recomputed scores, or by the online
+#: softmax); D summed over the keys, as autograd does; FlashAttention-2's blockwise loop;
+#: the keys reversed; the scale on the keys and the head dim reordered (the forward's); the
+#: value dim reordered.
 BACKWARD_ORDERS: tuple[Order, ...] = (
     _one_pass,
     _saved_forward,
     _lse_in_base_2,
     _forward_dims_reordered,
     _forward_scale_on_keys,
+    _online_forward,
+    _delta_over_keys,
     _blockwise,
     _keys_reversed,
     _scale_on_keys,
     _dims_reordered,
+    _value_dims_reordered,
 )
 
 

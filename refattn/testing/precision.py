@@ -533,6 +533,8 @@ def evaluate_backward(
     dout: np.ndarray,
     dtype: str,
     precision: Precision = SPEC,
+    *,
+    delta_from: str = "output",
 ) -> dict[str, np.ndarray | None]:
     """The spec's backward on NumPy, rounded as ``precision`` says, for inputs in ``dtype``.
 
@@ -550,6 +552,10 @@ def evaluate_backward(
     ----------
     arrays, scalars, dtype, precision : as for :func:`evaluate`
     dout : (B, Hq, Sq, Dv) float64, already rounded to ``dtype``
+    delta_from : how :math:`D_i` is formed: ``"output"``, :math:`dO_i \\cdot o_i` from the saved
+        output (FlashAttention-2); ``"weights"``, :math:`\\sum_j P_{ij} dP_{ij}` summed
+        over the keys one at a time in working precision, as the softmax's own backward
+        (autograd through a plain softmax) forms it: its rounding grows with the row.
 
     Returns
     -------
@@ -576,8 +582,14 @@ def evaluate_backward(
         shift = np.where(lse == -np.inf, 0.0, lse)
         p = rounded(np.exp(rounded(np.where(visible, s, -np.inf) - shift, work)), stages.softmax)
         dout_g = np.reshape(dout, (B, Hkv, G, Sq, Dv))  # (B, Hkv, G, Sq, Dv)
-        delta = rounded(np.sum(dout_g * out, axis=-1, keepdims=True), work)  # D
         dp = rounded(dout_g @ np.swapaxes(v, -1, -2)[:, :, None], work)  # dO V^T
+        if delta_from == "weights":  # D = sum_j P_ij dP_ij, a running sum over the keys
+            terms = rounded(np.where(visible, p * dp, 0.0), work).astype(work)
+            delta = np.zeros((*terms.shape[:-1], 1))
+            if Sk:
+                delta = np.cumsum(terms, axis=-1, dtype=work)[..., -1:].astype(np.float64)
+        else:
+            delta = rounded(np.sum(dout_g * out, axis=-1, keepdims=True), work)  # D
         ds = rounded(np.where(visible, p * (dp - delta), 0.0), work)  # (B, Hkv, G, Sq, Sk)
         dt = ds
         if capped is not None:
