@@ -1,9 +1,12 @@
-"""How quickly the verifier catches each deliberately wrong kernel and cache.
+"""How quickly the verifier catches each deliberately wrong kernel, cache and backward.
 
-Runs ``check_attention`` on every wrong kernel of ``refattn.testing.known_bugs.attention``
-and ``check_cache`` on every wrong cache of ``refattn.testing.known_bugs.caches``,
-once per seed, with the default number of examples (each wrong kernel with the
-features its bug needs: ``known_bugs.KERNEL_FEATURES``), and prints for each
+Runs ``check_attention`` on every wrong kernel of ``refattn.testing.known_bugs.attention``,
+``check_cache`` on every wrong cache of ``refattn.testing.known_bugs.caches`` and
+``check_attention_backward`` on every wrong backward of
+``refattn.testing.known_bugs.backward`` (rows ``backward: ...``), once per seed,
+with the default number of examples (each wrong kernel or backward with the
+features and dtypes its bug needs: ``known_bugs.KERNEL_FEATURES``,
+``known_bugs.BACKWARD_KERNEL_FEATURES``), and prints for each
 the number of seeds on which it was caught and the median and largest number of
 problems drawn up to the first failure. The search stops there and does not
 shrink (``max_failures=1``, no shrinking budget): what is measured is how soon a
@@ -11,9 +14,11 @@ bug is found. Correct kernels and caches, among them one that declares float16
 scores (``float16_scores``, judged by its own precision contract), run the full
 search in four dtypes on the same seeds and must never fail, once with the
 default features and once with every option a problem has (``EVERY_OPTION``:
-masks, bias, sinks, two-sided windows, latent shapes, in-op splits).
+masks, bias, sinks, two-sided windows, latent shapes, in-op splits); the correct
+backwards with every option a backward problem has (``EVERY_BACKWARD_OPTION``).
 
     python benchmarks/verifier_catch_rates.py --seeds 20
+    python benchmarks/verifier_catch_rates.py --seeds 20 --only backward
 """
 
 from __future__ import annotations
@@ -27,8 +32,16 @@ from functools import partial
 from typing import Any
 
 import refattn.testing.search
-from refattn.testing import Report, check_attention, check_cache
-from refattn.testing.known_bugs import CORRECT_CACHES, EVERY_OPTION, WRONG_CACHES
+from refattn.testing import Report, check_attention, check_attention_backward, check_cache
+from refattn.testing.known_bugs import (
+    BACKWARD_KERNEL_FEATURES,
+    CORRECT_BACKWARD_KERNELS,
+    CORRECT_CACHES,
+    EVERY_BACKWARD_OPTION,
+    EVERY_OPTION,
+    WRONG_BACKWARD_KERNELS,
+    WRONG_CACHES,
+)
 from refattn.testing.known_bugs import CORRECT_KERNELS as CORRECT
 from refattn.testing.known_bugs import KERNEL_FEATURES as FEATURES
 from refattn.testing.known_bugs import WRONG_KERNELS as WRONG
@@ -53,6 +66,14 @@ def _attention_report(
 ) -> Report:  # fmt: skip
     return check_attention(fn, dtypes=dtypes, seed=seed, features=features,
                            max_failures=1 if first else 5)  # fmt: skip
+
+
+def _backward_report(
+    fn: Callable[..., Any], dtypes: tuple[str, ...], seed: int, *, first: bool = False,
+    features: frozenset[str] | None = None,
+) -> Report:  # fmt: skip
+    return check_attention_backward(fn, dtypes=dtypes, seed=seed, features=features,
+                                    max_failures=1 if first else 5)  # fmt: skip
 
 
 def _cache_report(
@@ -88,6 +109,12 @@ def main() -> None:
             continue
         check = partial(_cache_report, factory, ("float32",), first=True)
         print(catch_row(f"cache: {name}", check, seeds), flush=True)
+    for name, (fn, dtypes) in WRONG_BACKWARD_KERNELS.items():
+        if not chosen(f"backward: {name}"):
+            continue
+        check = partial(_backward_report, fn, dtypes, first=True,
+                        features=BACKWARD_KERNEL_FEATURES.get(name))  # fmt: skip
+        print(catch_row(f"backward: {name}", check, seeds), flush=True)
     refattn.testing.search.SHRINK_BUDGET = shrink_budget
     print()
     print("| correct kernel or cache | flagged |")
@@ -101,6 +128,12 @@ def main() -> None:
         )
     for name, factory in CORRECT_CACHES.items():
         correct[f"cache: {name}"] = partial(_cache_report, factory, ("float32", "float16"))
+    for name, fn in CORRECT_BACKWARD_KERNELS.items():
+        if name == "autograd_backward" and importlib.util.find_spec("torch") is None:
+            continue
+        correct[f"backward: {name}, every option"] = partial(
+            _backward_report, fn, dtypes, features=EVERY_BACKWARD_OPTION
+        )
     if importlib.util.find_spec("torch") is not None:
         from refattn.testing.adapters import torch_sdpa
 
