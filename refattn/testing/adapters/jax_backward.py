@@ -10,7 +10,7 @@ back along the problem's ``dout``:
 .. math::
 
     (dQ, dK, dV, d\sigma, d\text{bias}) = \text{vjp}(f)(dO), \qquad
-    f(q, k, v, \sigma, \text{bias}) = \text{dot\_product\_attention}(q, k, v,
+    f(q, k, v, \sigma, \text{bias}) = \mathrm{dot\_product\_attention}(q, k, v,
         \text{bias} = -m_h |q^{pos} - k^{pos}| + \text{bias} \,\Vert\, \sigma_h)
 
 The differentiated :math:`f` takes the problem's own arrays, in refattn's
