@@ -18,8 +18,10 @@ in float64 on NumPy, and
 
 where :math:`g_t` is the spec's backward in :math:`t` over a few correct
 evaluations that round in different orders (:data:`BACKWARD_ORDERS`: one
-pass; the forward's output saved in :math:`t` first, as a kernel saves it;
-FlashAttention-2's blockwise loop; the keys reversed), and, for a candidate
+pass; the forward's output and lse saved in :math:`t` first, as a kernel saves
+them, by the forward in other orders; :math:`D` summed otherwise; the gradient
+autograd sends through the forward's row maximum; FlashAttention-2's blockwise
+loop; the keys reversed; the scale and the dims in other orders), and, for a candidate
 with a precision contract, the spec's backward under that contract's
 rounding (:func:`refattn.testing.precision.evaluate_backward`). :math:`k_t`
 and :math:`\text{atol}_t` are the forward's (:data:`~refattn.testing.tolerance.TOLERANCES`).
@@ -377,6 +379,23 @@ def _delta_over_keys(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradie
     return evaluate_backward(arrays, scalars, dout, dtype, SPEC, delta_from="weights")
 
 
+def _delta_in_sequence(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """:math:`D_i = dO_i \\cdot o_i` summed over the value dims one at a time, otherwise than
+    the products :math:`dP_{ij} = dO_i \\cdot v_j`: on a row whose weight is all on one key,
+    :math:`o_i = v_j` and :math:`dP_{ij} - D_i` is the difference of two roundings of one dot
+    product, which every other order may round alike (exactly 0) and a kernel that tiles
+    the keys otherwise does not; :math:`dQ = dS\\, K` multiplies it by the keys."""
+    return evaluate_backward(arrays, scalars, dout, dtype, SPEC, delta_from="sequence")
+
+
+def _through_the_max(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
+    """The gradient that autograd through a forward which subtracts each row's largest score
+    sends back through that maximum: :math:`-\\sum_j dS_{ij}`, 0 in exact arithmetic, the
+    rounding of a sum of terms of both signs at the row's largest key, which dbias (and
+    dQ, dK) carry."""
+    return evaluate_backward(arrays, scalars, dout, dtype, SPEC, through_max=True)
+
+
 def _blockwise(arrays: Any, scalars: Any, dout: Any, dtype: str) -> Gradient:
     """FlashAttention-2's loop, eight keys a tile (at most :data:`MAX_BLOCKS` tiles a row)."""
     Sk = arrays["k"].shape[-2]
@@ -449,7 +468,8 @@ Order = Callable[[dict[str, Any], dict[str, Any], np.ndarray, str], Gradient]
 #: Correct evaluations of the backward that round in different orders: one pass; the
 #: forward's output saved in the dtype first (its lse as it is, or in base 2, or the forward
 #: rounded in another order than the backward's recomputed scores, or by the online
-#: softmax); D summed over the keys, as autograd does; FlashAttention-2's blockwise loop;
+#: softmax); D summed over the keys, as autograd does, or over the value dims in sequence;
+#: the gradient autograd sends through the forward's row max; FlashAttention-2's blockwise loop;
 #: the keys reversed; the scale on the keys and the head dim reordered (the forward's); the
 #: value dim reordered.
 BACKWARD_ORDERS: tuple[Order, ...] = (
@@ -460,6 +480,8 @@ BACKWARD_ORDERS: tuple[Order, ...] = (
     _forward_scale_on_keys,
     _online_forward,
     _delta_over_keys,
+    _delta_in_sequence,
+    _through_the_max,
     _blockwise,
     _keys_reversed,
     _scale_on_keys,

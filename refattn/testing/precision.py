@@ -429,6 +429,34 @@ def softcapped(s: np.ndarray, softcap: float, dtype: str, *, fused: bool = False
     return rounded(c * rounded(np.tanh(rounded(s / c, dtype)), dtype), dtype)
 
 
+def _through_the_max(
+    ds: np.ndarray,
+    s: np.ndarray,
+    visible: np.ndarray,
+    sink: np.ndarray | None,
+    p: np.ndarray,
+    delta: np.ndarray,
+    shift: np.ndarray,
+    work: str,
+) -> np.ndarray:
+    """``ds`` with :math:`-\\sum_j dS_{ij}` (the sink's term, :math:`-p_{sink} D_i`, with
+    them) added at each row's largest visible score, in ``work``: (B, Hkv, G, Sq, Sk)."""
+    terms = ds
+    if sink is not None:
+        weight = rounded(np.exp(rounded(sink - shift, work)), work)  # (B, Hkv, G, Sq, 1)
+        terms = np.concatenate([ds, rounded(-weight * delta, work)], axis=-1)
+    residue = np.zeros((*ds.shape[:-1], 1))
+    if terms.shape[-1]:
+        residue = -np.sum(terms.astype(work), axis=-1, keepdims=True, dtype=work)
+    masked = np.where(visible, s, -np.inf)
+    largest = np.zeros(masked.shape, dtype=bool)
+    if masked.shape[-1]:
+        top = np.argmax(masked, axis=-1)[..., None]  # the first of the row's largest
+        np.put_along_axis(largest, top, True, axis=-1)
+    largest &= np.broadcast_to(visible, masked.shape)
+    return rounded(np.where(largest, ds + residue.astype(np.float64), ds), work)
+
+
 def softmax_weights(
     s: np.ndarray, visible: np.ndarray, sink: np.ndarray | None, dtype: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -535,6 +563,7 @@ def evaluate_backward(
     precision: Precision = SPEC,
     *,
     delta_from: str = "output",
+    through_max: bool = False,
 ) -> dict[str, np.ndarray | None]:
     """The spec's backward on NumPy, rounded as ``precision`` says, for inputs in ``dtype``.
 
@@ -555,7 +584,14 @@ def evaluate_backward(
     delta_from : how :math:`D_i` is formed: ``"output"``, :math:`dO_i \\cdot o_i` from the saved
         output (FlashAttention-2); ``"weights"``, :math:`\\sum_j P_{ij} dP_{ij}` summed
         over the keys one at a time in working precision, as the softmax's own backward
-        (autograd through a plain softmax) forms it: its rounding grows with the row.
+        (autograd through a plain softmax) forms it: its rounding grows with the row;
+        ``"sequence"``, :math:`dO_i \\cdot o_i` summed over the value dims one at a time, so
+        it rounds otherwise than :math:`dP_{ij} = dO_i \\cdot v_j`, which a one-hot row's
+        :math:`dP_{ij} - D_i` feels in full.
+    through_max : the gradient that autograd through a forward that subtracts each row's
+        largest score sends back through that maximum, :math:`-\\sum_j dS_{ij}` (and the
+        sink's share), added to the largest visible key's :math:`dS`: 0 in exact arithmetic,
+        the rounding of a sum of terms of both signs in working precision.
 
     Returns
     -------
@@ -588,9 +624,16 @@ def evaluate_backward(
             delta = np.zeros((*terms.shape[:-1], 1))
             if Sk:
                 delta = np.cumsum(terms, axis=-1, dtype=work)[..., -1:].astype(np.float64)
+        elif delta_from == "sequence":  # D = dO_i . o_i, a running sum over the value dims
+            terms = rounded(dout_g * out, work).astype(work)
+            delta = np.zeros((*terms.shape[:-1], 1))
+            if Dv:
+                delta = np.cumsum(terms, axis=-1, dtype=work)[..., -1:].astype(np.float64)
         else:
             delta = rounded(np.sum(dout_g * out, axis=-1, keepdims=True), work)  # D
         ds = rounded(np.where(visible, p * (dp - delta), 0.0), work)  # (B, Hkv, G, Sq, Sk)
+        if through_max:
+            ds = _through_the_max(ds, s, visible, sink, p, delta, shift, work)
         dt = ds
         if capped is not None:
             dt = rounded(ds * (1 - (capped / scalars["softcap"]) ** 2), work)
