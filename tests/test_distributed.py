@@ -286,5 +286,5 @@ def test_each_wrong_context_parallel_attention_is_caught_and_shrunk(groups: Any,
     report = check_context_parallel(fn, world_size=4, max_examples=60, seed=3,
                                     features=features, group=groups[4])  # fmt: skip
     assert not report.passed, report
-    smallest = min(f.outcome.spec.k_len for f in report.failures)
+    smallest = min(getattr(f.outcome.spec, "k_len", 10**9) for f in report.failures)
     assert smallest <= 8, report
