@@ -23,15 +23,32 @@ import numpy as np
 
 from refattn.backends.base import Backend
 from refattn.backends.cupy import CupyBackend
+from refattn.backends.jax import JaxBackend
 from refattn.backends.numpy import NumpyBackend
 from refattn.backends.strict import StrictBackend
 from refattn.backends.torch import TorchBackend
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (NumpyBackend(), StrictBackend(), TorchBackend(), CupyBackend())
+    b.name: b
+    for b in (NumpyBackend(), StrictBackend(), TorchBackend(), JaxBackend(), CupyBackend())
 }
 
-__all__ = ["BACKENDS", "Backend", "Case", "backend_of", "cases", "get", "selected", "to_numpy"]
+#: Backends that run only when named (``REFATTN_BACKENDS=jax``): JAX compiles every
+#: operation anew for each shape it meets, and a property test meets a new shape with
+#: almost every example, so a run over it takes minutes where NumPy takes seconds.
+OPT_IN = ("jax",)
+
+__all__ = [
+    "BACKENDS",
+    "OPT_IN",
+    "Backend",
+    "Case",
+    "backend_of",
+    "cases",
+    "get",
+    "selected",
+    "to_numpy",
+]
 
 
 class Case(NamedTuple):
@@ -54,8 +71,8 @@ def get(name: str) -> Backend:
 
 
 def selected(names: Iterable[str] | None = None) -> list[Backend]:
-    """The backends ``names`` (default: ``REFATTN_BACKENDS``, or all when it is unset),
-    available or not.
+    """The backends ``names`` (default: ``REFATTN_BACKENDS``, or all but :data:`OPT_IN`
+    when it is unset), available or not.
 
     >>> [b.name for b in selected(["numpy", "torch"])]
     ['numpy', 'torch']
@@ -63,7 +80,7 @@ def selected(names: Iterable[str] | None = None) -> list[Backend]:
     if names is None:
         names = os.environ.get("REFATTN_BACKENDS", "").split(",")
     chosen = [get(n.strip()) for n in names if n.strip()]
-    return chosen or list(BACKENDS.values())
+    return chosen or [b for b in BACKENDS.values() if b.name not in OPT_IN]
 
 
 def cases(names: Iterable[str] | None = None) -> list[Case]:

@@ -9,7 +9,14 @@ from typing import Any
 from array_api_compat import device
 
 from refattn.checks import ARRAY_OPTIONS, check_call
-from refattn.namespace import Array, Namespace, compute_dtype, namespace_of, unchecked_arithmetic
+from refattn.namespace import (
+    Array,
+    Namespace,
+    compute_dtype,
+    index_dtype,
+    namespace_of,
+    unchecked_arithmetic,
+)
 from refattn.options import AttentionOptions, takes_options
 from refattn.positions import as_rows, default_key_positions, default_query_positions, visibility
 from refattn.scores import alibi_bias, group_heads, scaled_scores, seen_scores, softcap_scores
@@ -311,8 +318,9 @@ def _positions(xp: Namespace, pos: Array | None, default: Array) -> Array:
     """Checked positions as (B or 1, S) int64, or the default."""
     if pos is None:
         return default
-    # int64, so that differences of unsigned or narrow positions cannot wrap around.
-    return xp.astype(as_rows(xp, pos), xp.int64)
+    # The index dtype (int64; int32 in JAX without x64), so that differences of unsigned
+    # or narrow positions cannot wrap around.
+    return xp.astype(as_rows(xp, pos), index_dtype(xp))
 
 
 def _cast(xp: Namespace, x: Array, dtype: object) -> Array:

@@ -83,6 +83,18 @@ def dtype_name(dtype: Any) -> str:
     return name if isinstance(name, str) else str(dtype).rpartition(".")[2]  # torch.float16
 
 
+def index_dtype(xp: Namespace) -> Any:
+    """The integer dtype of positions, lengths and block tables: the library's default
+    integer (the array API's ``default_dtypes()["integral"]``), int64 everywhere but in
+    JAX without ``jax_enable_x64``, whose widest integer is int32.
+
+    >>> import array_api_compat.numpy as xp
+    >>> index_dtype(xp) == xp.int64
+    True
+    """
+    return xp.__array_namespace_info__().default_dtypes()["integral"]
+
+
 def compute_dtype_name(name: str) -> str:
     """The precision policy, by name: the dtype the spec computes in for inputs of ``name``.
 

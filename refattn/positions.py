@@ -30,12 +30,12 @@ top-left: pass ``q_pos = arange(Sq)``.
 
 from __future__ import annotations
 
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array, Namespace, index_dtype
 
 
 def default_key_positions(xp: Namespace, n_keys: int, *, device: object) -> Array:
     """``k_pos = arange(Sk)``, shape (1, Sk)."""
-    return xp.reshape(xp.arange(n_keys, dtype=xp.int64, device=device), (1, n_keys))
+    return xp.reshape(xp.arange(n_keys, dtype=index_dtype(xp), device=device), (1, n_keys))
 
 
 def default_query_positions(xp: Namespace, n_queries: int, n_keys: int, *, device: object) -> Array:
@@ -47,7 +47,7 @@ def default_query_positions(xp: Namespace, n_queries: int, n_keys: int, *, devic
     """
     start = n_keys - n_queries
     return xp.reshape(
-        xp.arange(start, start + n_queries, dtype=xp.int64, device=device), (1, n_queries)
+        xp.arange(start, start + n_queries, dtype=index_dtype(xp), device=device), (1, n_queries)
     )
 
 

@@ -8,6 +8,7 @@ import array_api_compat
 import numpy as np
 import pytest
 
+import refattn
 from refattn import attention
 from refattn.backends import BACKENDS, Case, cases, get, selected
 from refattn.backends.base import round_to
@@ -91,3 +92,33 @@ def test_low_precision_is_computed_in_float32_then_rounded(case: Case) -> None:
     direct = attention(*low, causal=True)
     upcast = xp.astype(attention(*wide, causal=True), low[0].dtype)
     np.testing.assert_array_equal(case.backend.to_numpy(direct), case.backend.to_numpy(upcast))
+
+
+def test_the_opt_in_jax_backend_runs_the_spec_and_a_cache_on_immutable_arrays() -> None:
+    """JAX's arrays cannot be written in place: a StaticCache on them writes through
+    array-api-extra, and decoding through it gives NumPy's answer (to float32 rounding)."""
+    pytest.importorskip("jax")
+    jax = get("jax")
+    assert "jax" not in {b.name for b in selected()}  # opt-in: not in the default matrix
+    assert jax in selected(["jax"])
+    xp = jax.namespace()
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 6, 8)) for _ in range(3))
+    on = {
+        n: jax.asarray(x, dtype="float32", device="cpu")
+        for n, x in zip("qkv", (q, k, v), strict=True)
+    }
+    full = refattn.attention(on["q"], on["k"], on["v"], causal=True)
+    expected = refattn.attention(q.astype(np.float32), k.astype(np.float32),
+                                 v.astype(np.float32), causal=True)  # fmt: skip
+    np.testing.assert_allclose(jax.to_numpy(full), expected, rtol=1e-5, atol=1e-6)
+    cache = refattn.StaticCache(batch=1, kv_heads=2, head_dim=8, max_len=6, xp=xp,
+                                dtype=xp.float32)  # fmt: skip
+    outs = []
+    for t in range(6):
+        k_all, v_all, k_pos = cache.update(on["k"][:, :, t : t + 1], on["v"][:, :, t : t + 1])
+        q_pos = xp.asarray([[t]], dtype=k_pos.dtype)
+        outs.append(refattn.attention(on["q"][:, :, t : t + 1], k_all, v_all, causal=True,
+                                      q_pos=q_pos, k_pos=k_pos))  # fmt: skip
+    decoded = np.concatenate([jax.to_numpy(o) for o in outs], axis=2)
+    np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-6)

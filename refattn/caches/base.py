@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import array_api_extra as xpx
 from array_api_compat import array_namespace, device
 
-from refattn.namespace import Array, Namespace, is_floating
+from refattn.namespace import Array, Namespace, index_dtype, is_floating
 
 
 class KVCache(ABC):
@@ -135,7 +135,7 @@ class KVCache(ABC):
     @property
     def lengths(self) -> Array:
         """(B,) int64: tokens seen per row (not capped by any window)."""
-        return self.xp.asarray(self._lengths, dtype=self.xp.int64, device=self.device)
+        return self.xp.asarray(self._lengths, dtype=index_dtype(self.xp), device=self.device)
 
     @property
     def attention_options(self) -> dict[str, Any]:
@@ -236,11 +236,11 @@ class KVCache(ABC):
 
     def _new_positions(self, n: list[int], T: int) -> Array:
         """(B, T) int64: position lengths[b] + i for real tokens, -1 for padding."""
-        xp = self.xp
-        i = xp.arange(T, dtype=xp.int64, device=self.device)[None, :]  # (1, T)
-        start = xp.asarray(self._lengths, dtype=xp.int64, device=self.device)[:, None]  # (B, 1)
-        real = i < xp.asarray(n, dtype=xp.int64, device=self.device)[:, None]  # (B, T)
-        return xp.where(real, start + i, xp.asarray(-1, dtype=xp.int64, device=self.device))
+        xp, index = self.xp, index_dtype(self.xp)
+        i = xp.arange(T, dtype=index, device=self.device)[None, :]  # (1, T)
+        start = xp.asarray(self._lengths, dtype=index, device=self.device)[:, None]  # (B, 1)
+        real = i < xp.asarray(n, dtype=index, device=self.device)[:, None]  # (B, T)
+        return xp.where(real, start + i, xp.asarray(-1, dtype=index, device=self.device))
 
 
 def _default_device(xp: Namespace, dtype: Any) -> Any:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from refattn.caches.base import KVCache
-from refattn.namespace import Array
+from refattn.namespace import Array, index_dtype
 
 
 class DynamicCache(KVCache):
@@ -35,7 +35,7 @@ class DynamicCache(KVCache):
         xp, B, H = self.xp, self.batch, self.kv_heads
         self.keys = xp.zeros((B, H, 0, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = xp.zeros((B, H, 0, self.value_dim), dtype=self.dtype, device=self.device)
-        self.positions = xp.zeros((B, 0), dtype=xp.int64, device=self.device)
+        self.positions = xp.zeros((B, 0), dtype=index_dtype(xp), device=self.device)
 
     def _append(self, k_new: Array, v_new: Array, n: list[int]) -> None:
         xp = self.xp

@@ -8,7 +8,7 @@ from numbers import Integral
 from typing import Any, ClassVar
 
 from refattn.caches.base import KVCache, _check_count, _check_row
-from refattn.namespace import Array
+from refattn.namespace import Array, index_dtype
 
 
 class PagedCache(KVCache):
@@ -144,7 +144,7 @@ class PagedCache(KVCache):
         n_blocks = max(len(t) for t in self.block_table)
         # Rows with fewer blocks are padded with block 0; their slots report k_pos = -1.
         table = [t + [0] * (n_blocks - len(t)) for t in self.block_table]
-        index = xp.asarray(table, dtype=xp.int64, device=self.device)  # (B, n_blocks)
+        index = xp.asarray(table, dtype=index_dtype(xp), device=self.device)  # (B, n_blocks)
         index = xp.reshape(index, (B * n_blocks,))
 
         def gather(blocks: Array) -> Array:
@@ -153,9 +153,9 @@ class PagedCache(KVCache):
             rows = xp.permute_dims(rows, (0, 2, 1, 3, 4))  # (B, H, n_blocks, bs, D)
             return xp.reshape(rows, (B, H, n_blocks * bs, blocks.shape[-1]))
 
-        slot = xp.arange(n_blocks * bs, dtype=xp.int64, device=self.device)[None, :]
-        held = slot < xp.asarray(self._lengths, dtype=xp.int64, device=self.device)[:, None]
-        k_pos = xp.where(held, slot, xp.asarray(-1, dtype=xp.int64, device=self.device))
+        slot = xp.arange(n_blocks * bs, dtype=index_dtype(xp), device=self.device)[None, :]
+        held = slot < xp.asarray(self._lengths, dtype=index_dtype(xp), device=self.device)[:, None]
+        k_pos = xp.where(held, slot, xp.asarray(-1, dtype=index_dtype(xp), device=self.device))
         return gather(self.key_blocks), gather(self.value_blocks), k_pos
 
     def fork(self, src: int, dst: int) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
-from refattn.namespace import Array
+from refattn.namespace import Array, index_dtype
 
 
 class SlidingWindowCache(KVCache):
@@ -58,7 +58,7 @@ class SlidingWindowCache(KVCache):
         xp, B, H, slots = self.xp, self.batch, self.kv_heads, sink_tokens + window
         self.keys = xp.zeros((B, H, slots, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = xp.zeros((B, H, slots, self.value_dim), dtype=self.dtype, device=self.device)
-        self.positions = xp.full((B, slots), -1, dtype=xp.int64, device=self.device)
+        self.positions = xp.full((B, slots), -1, dtype=index_dtype(xp), device=self.device)
 
     @property
     def attention_options(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from refattn.caches.base import KVCache, _check_count
-from refattn.namespace import Array
+from refattn.namespace import Array, index_dtype
 
 
 class StaticCache(KVCache):
@@ -39,7 +39,7 @@ class StaticCache(KVCache):
         self.max_len = _check_count("max_len", max_len, minimum=1)
         self._allocate()
         self.positions = self.xp.full(
-            (self.batch, max_len), -1, dtype=self.xp.int64, device=self.device
+            (self.batch, max_len), -1, dtype=index_dtype(self.xp), device=self.device
         )
 
     # -- what a kind that stores keys and values otherwise overrides ----------

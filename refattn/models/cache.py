@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from refattn.caches import KINDS, KVCache, make_cache
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array, Namespace, index_dtype
 
 Legacy = tuple[tuple[Array, Array], ...]
 
@@ -97,7 +97,7 @@ def _in_position_order(cache: KVCache) -> tuple[Array, Array]:
     xp = cache.xp
     k, v, k_pos = cache.view()
     order = xp.argsort(k_pos, axis=-1, stable=True)  # empty slots (-1) first
-    held = int(xp.sum(xp.astype(k_pos[0, :] >= 0, xp.int64)))
+    held = int(xp.sum(xp.astype(k_pos[0, :] >= 0, index_dtype(xp))))
     rows = []
     for b in range(k.shape[0]):
         kept = order[b, k.shape[2] - held :]

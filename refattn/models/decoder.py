@@ -28,7 +28,7 @@ from refattn.attention import attention
 from refattn.backends import to_numpy
 from refattn.caches import KVCache
 from refattn.models.cache import LayerCaches
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array, Namespace, index_dtype
 from refattn.options import check_integer
 
 
@@ -79,7 +79,7 @@ class Decoder:
         xp = self.xp
         ids = self._token_ids(ids)  # (B, T) int64
         B, T = ids.shape
-        steps = xp.arange(T, dtype=xp.int64, device=self.device)[None, :]  # (1, T)
+        steps = xp.arange(T, dtype=index_dtype(xp), device=self.device)[None, :]  # (1, T)
         if cache is not None:
             positions = cache.lengths[:, None] + steps  # (B, T): after what is cached
             k_pos = None
@@ -89,7 +89,7 @@ class Decoder:
             positions = xp.broadcast_to(steps, (B, T))
             k_pos = positions
             if n_new is not None:
-                real = xp.asarray(list(n_new), dtype=xp.int64, device=self.device)[:, None]
+                real = xp.asarray(list(n_new), dtype=index_dtype(xp), device=self.device)[:, None]
                 k_pos = xp.where(steps < real, positions, -1)  # padding holds no key
         x = self.embed(ids, positions)
         for i in range(self.n_layer):
@@ -111,7 +111,7 @@ class Decoder:
             )
         if 0 not in given.shape and not xp.isdtype(given.dtype, "integral"):
             raise TypeError(f"ids must hold integer token ids; got dtype {given.dtype}")
-        ids = xp.astype(given, xp.int64)
+        ids = xp.astype(given, index_dtype(xp))
         outside = (ids < 0) | (ids >= self.vocab_size)  # (B, T)
         if bool(xp.any(outside)):
             b, t = (int(i[0]) for i in xp.nonzero(outside))

@@ -1,0 +1,81 @@
+"""JAX: the spec on immutable arrays, on the CPU (and on a GPU where jaxlib has one).
+
+``jax.numpy`` is an array API namespace of its own. Its arrays cannot be
+written in place, so every write in refattn goes through
+``array_api_extra.at(x, index).set(v)``, which JAX turns into a new array;
+passing here shows that nothing in the spec, its blockwise forms, merges or
+caches mutates an array behind the library's back.
+
+JAX keeps 64-bit floats off unless ``jax_enable_x64`` is set, a process-wide
+switch that changes what every other JAX user in the process computes, so the
+backend does not flip it: float64 is one of its dtypes only where the user has
+set it (``JAX_ENABLE_X64=1``); float32, float16 and bfloat16 always are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from refattn.backends.base import Backend
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    module = "jax"
+
+    def namespace(self) -> Any:
+        import jax.numpy
+
+        return jax.numpy
+
+    def devices(self) -> list[str]:
+        import jax
+
+        return [_name(d) for d in jax.devices()]
+
+    def dtypes(self, device: str) -> tuple[str, ...]:
+        import jax
+
+        wide = ("float64",) if jax.config.read("jax_enable_x64") else ()
+        return (*wide, "float32", "float16", "bfloat16")
+
+    def asarray(self, x: np.ndarray, *, dtype: str, device: str) -> Any:
+        import jax
+
+        xp = self.namespace()
+        x = np.asarray(x)
+        on = _device(device)
+        if x.dtype.kind in "iu":  # positions and indices, as the index dtype holds them
+            index = np.dtype(str(xp.__array_namespace_info__().default_dtypes()["integral"]))
+            if x.size and (x.min() < np.iinfo(index).min or x.max() > np.iinfo(index).max):
+                raise ValueError(f"integers beyond {index} need jax_enable_x64; got {x.dtype}")
+            return jax.device_put(xp.asarray(x.astype(index)), on)
+        if x.dtype.kind == "b":
+            return jax.device_put(xp.asarray(x), on)
+        rounded = xp.asarray(self._rounded(x, dtype))
+        return jax.device_put(rounded.astype(getattr(xp, dtype)), on)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        return x.astype(np.float32) if "bfloat16" in str(x.dtype) else x
+
+    def synchronize(self, device: str) -> None:
+        import jax
+
+        jax.effects_barrier()
+
+
+def _name(device: Any) -> str:
+    """``cpu`` for the first CPU (as the other backends name it), ``gpu:1`` and so on else."""
+    if device.platform == "cpu" and device.id == 0:
+        return "cpu"
+    return f"{device.platform}:{device.id}"
+
+
+def _device(name: str) -> Any:
+    import jax
+
+    platform, _, index = name.partition(":")
+    return next(d for d in jax.devices(platform) if d.id == int(index or 0))
