@@ -239,7 +239,7 @@ def test_bench_plot_says_matplotlib_is_missing_and_still_succeeds(
         (["--repeats", "0"], "repeats must be at least 1"),
         (["--seq-lens", "16,x"], "expected comma-separated integers"),
         (["--dtypes", ""], "dtypes must name at least one value"),
-        (["--backends", "jax"], "backend must be one of"),
+        (["--backends", "tensorflow"], "backend must be one of"),
     ],
 )
 def test_bench_rejects_a_bad_grid_before_timing_anything(
