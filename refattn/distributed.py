@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -150,14 +151,10 @@ def ring_attention(
     for step in range(P):
         source = (r - step) % P
         exchange = plan.pass_on(block, traffic) if step < P - 1 else None
-        failure = None
-        try:
-            states.append(attend_block(plan, block))
-        except Exception as error:  # agreed on below, so no rank waits for this one
-            failure = error
-        following = exchange.wait() if exchange is not None else block
-        plan.agree(failure, f"step {step} of the ring (the keys of rank {source})")
-        block = following
+        where = f"step {step} of the ring (the keys of rank {source})"
+        settle = exchange.wait if exchange is not None else partial(tuple, block)
+        state, block = plan.attended(block, where, settle)
+        states.append(state)
     return plan.finish(states, return_lse)
 
 
@@ -180,13 +177,8 @@ def all_gather_attention(
     plan = _Plan.of("all_gather_attention", q, k, v, q_pos, k_pos, group, options)
     shards = plan.gather(plan.padded_shard(), traffic)
     keys = [torch.cat([s[i] for s in shards], dim=2 if i < 2 else 1) for i in range(3)]
-    failure, states = None, []
-    try:
-        states.append(attend_block(plan, tuple(keys)))
-    except Exception as error:
-        failure = error
-    plan.agree(failure, "attention over the gathered keys")
-    return plan.finish(states, return_lse)
+    state, _ = plan.attended(tuple(keys), "attention over the gathered keys")
+    return plan.finish([state], return_lse)
 
 
 def attention_over_shards(
@@ -213,13 +205,7 @@ def attention_over_shards(
     the same on every rank.
     """
     plan = _Plan.of("attention_over_shards", q, k, v, q_pos, k_pos, group, options)
-    failure, states = None, []
-    try:
-        states.append(attend_block(plan, plan.padded_shard()))
-    except Exception as error:
-        failure = error
-    plan.agree(failure, "attention over this rank's shard")
-    out, lse = states[0]
+    (out, lse), _ = plan.attended(plan.padded_shard(), "attention over this rank's shard")
     gathered = plan.gather((_to_wire(out), _to_wire(lse)), traffic)
     outs = [plan.from_wire(o) for o, _ in gathered]
     lses = [plan.from_wire(s) for _, s in gathered]
@@ -304,6 +290,22 @@ class _Plan:
             world_size=world_size, longest=max(s[1]["length"] for s in shapes),
             from_wire=from_wire,
         )  # fmt: skip
+
+    def attended(
+        self, block: tuple[Any, ...], where: str, settle: Callable[[], Any] = lambda: None
+    ) -> tuple[tuple[Array, Array], Any]:
+        """:func:`attend_block` on ``block``, then ``settle()`` (a pending exchange's wait, so
+        no send is left in flight), then every rank agrees on whether any failed at ``where``.
+        Returns the state and what ``settle`` returned."""
+        failure, state = None, None
+        try:
+            state = attend_block(self, block)
+        except Exception as error:  # agreed on below, so no rank waits for this one
+            failure = error
+        settled = settle()
+        self.agree(failure, where)
+        assert state is not None
+        return state, settled
 
     def agree(self, failure: BaseException | None, where: str) -> None:
         """Every rank learns whether any rank failed at ``where``; if one did, all raise."""
