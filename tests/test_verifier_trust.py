@@ -69,7 +69,7 @@ def _refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--dtypes", "fp16"], ["--dtypes", "float16", "fp16"]),
         (["--dtypes", "float8"], ["--dtypes", "bfloat16", "float8"]),
         (["--dtypes", ","], ["--dtypes", "float32", "none"]),
-        (["--backends", "jax"], ["--backends", "numpy", "jax"]),
+        (["--backends", "tensorflow"], ["--backends", "numpy", "tensorflow"]),
         (["--examples", "0"], ["--examples", "positive integer", "'0'"]),
         (["--examples", "-3"], ["--examples", "positive integer", "'-3'"]),
         (["--problems", "-5"], ["--problems", "positive integer", "'-5'"]),
