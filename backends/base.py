@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,12 @@ class Backend(ABC):
     def synchronize(self, device: str) -> None:
         """Wait for queued work on ``device``; a no-op for eager CPU libraries."""
         return None
+
+    def compiled(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``fn`` with ``options`` (plain Python values) bound, to be called on arrays alone,
+        as this library runs a whole function best: here, as it is, one operation at a time.
+        """
+        return partial(fn, **options)
 
     def _rounded(self, x: np.ndarray, dtype: str) -> np.ndarray:
         """Floats rounded to ``dtype`` (bfloat16 held exactly as float32); ints and bools kept."""

@@ -10,10 +10,20 @@ JAX keeps 64-bit floats off unless ``jax_enable_x64`` is set, a process-wide
 switch that changes what every other JAX user in the process computes, so the
 backend does not flip it: float64 is one of its dtypes only where the user has
 set it (``JAX_ENABLE_X64=1``); float32, float16 and bfloat16 always are.
+
+JAX compiles each operation for each shape it meets, a few tens of
+milliseconds apiece, so a one-pass attention on a new shape costs a second
+of compiling op by op. :meth:`JaxBackend.compiled` hands the whole function
+to ``jax.jit`` instead (one program per shape and options, several times
+cheaper); the spec's short cuts that look at values (every key finite, a
+block no query sees) are not taken on traced arrays, where the general path
+gives the same numbers (:func:`refattn.namespace.surely`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -65,6 +75,29 @@ class JaxBackend(Backend):
         import jax
 
         jax.effects_barrier()
+
+    def compiled(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``jax.jit`` of the one-pass :func:`refattn.attention` with ``options`` bound as
+        constants of the program (the same options get the same jitted function, whose
+        programs JAX keeps per shape). Any other function runs as it is: the blockwise forms
+        loop over blocks in Python, which a trace would unroll into one program per row
+        length, while eagerly each block shape's operations compile once.
+        """
+        from refattn.attention import attention
+
+        if fn is not attention:
+            return partial(fn, **options)
+        try:
+            return _jitted(fn, tuple(sorted(options.items())))
+        except TypeError:  # an option that cannot be a key (an array): eager
+            return partial(fn, **options)
+
+
+@lru_cache(maxsize=256)
+def _jitted(fn: Callable[..., Any], options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    import jax
+
+    return jax.jit(partial(fn, **dict(options)))
 
 
 def _name(device: Any) -> str:

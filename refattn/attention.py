@@ -15,6 +15,7 @@ from refattn.namespace import (
     compute_dtype,
     index_dtype,
     namespace_of,
+    surely,
     unchecked_arithmetic,
 )
 from refattn.options import AttentionOptions, takes_options
@@ -268,14 +269,14 @@ def guarded_scores(xp: Namespace, q: Array, k: Array, scale: float, visible: Arr
         s = scaled_scores(xp, q, k, scale)  # (B, Hkv, G, bq, bk)
     B, Hkv, G, bq, _ = s.shape
     q = xp.reshape(q, (B, Hkv, G, bq, q.shape[-1]))  # (B, Hkv, G, bq, D)
-    if bq == 0 or bool(
+    if bq == 0 or surely(
         xp.all(xp.isfinite(q[:, :, :1, :1, :])) & xp.all(xp.isfinite(s[:, :, :1, :1, :]))
     ):
         return s
     finite_query = xp.all(xp.isfinite(q), axis=-1, keepdims=True)  # (B, Hkv, G, bq, 1)
     shows_a_key = finite_query & ~xp.isfinite(s)  # (B, Hkv, G, bq, bk)
     finite_keys = ~xp.any(shows_a_key, axis=(2, 3, 4), keepdims=True)  # (B, Hkv, 1, 1, 1)
-    if bool(xp.all(finite_keys)):
+    if surely(xp.all(finite_keys)):
         return s
     zero = xp.zeros((), dtype=k.dtype, device=device(k))
     q = xp.reshape(q, (B, Hkv * G, bq, q.shape[-1]))  # (B, Hq, bq, D)
@@ -351,7 +352,7 @@ def weighted_sum(xp: Namespace, p: Array, v: Array, visible: Array) -> Array:
     with unchecked_arithmetic():
         out = product(p)
     finite = xp.all(xp.isfinite(out), axis=-1, keepdims=True)  # (B, Hkv, G, Sq, 1)
-    if bool(xp.all(finite)):
+    if surely(xp.all(finite)):
         return out
     zero = xp.zeros((), dtype=p.dtype, device=device(p))
     with unchecked_arithmetic():  # the rows zeroed may still meet an inf value: 0 * inf

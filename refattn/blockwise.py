@@ -31,7 +31,7 @@ from array_api_compat import device
 
 from refattn.attention import Call, block_visibility, prepare, scores, weighted_sum
 from refattn.merge import merge_states_n
-from refattn.namespace import Array, Namespace
+from refattn.namespace import Array, Namespace, surely
 from refattn.options import AttentionOptions, check_integer, takes_options
 from refattn.softmax import row_shift
 
@@ -86,10 +86,10 @@ def online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple
     denom = xp.zeros((B, Hkv, G, bq, 1), dtype=dtype, device=on)  # running denominator, l
     acc = xp.zeros((B, Hkv, G, bq, call.v.shape[-1]), dtype=dtype, device=on)  # running a
     for keys in key_blocks:
-        if not bool(xp.any(block_visibility(call, queries, keys))):
+        if surely(~xp.any(block_visibility(call, queries, keys))):
             continue  # a block no query here can see: a kernel never loads it
         s, visible = scores(call, queries, keys)  # (B, Hkv, G, bq, bk)
-        if not bool(xp.all(visible)):  # a block below the diagonal needs no masking
+        if not surely(xp.all(visible)):  # a block below the diagonal needs no masking
             s = xp.where(visible, s, neg_inf)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         shift = row_shift(xp, m_new)  # rows still empty shift by 0

@@ -45,10 +45,12 @@ def run_spec(
     scalars: dict[str, Any],
     fn: Callable[..., Any] = attention,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``fn`` (``attention`` or a form of it) on the case's backend; (out, lse) as NumPy."""
+    """``fn`` (``attention`` or a form of it) on the case's backend, as the backend runs a
+    whole function best (:meth:`~refattn.backends.base.Backend.compiled`: jitted on JAX);
+    (out, lse) as NumPy."""
     backend = case.backend
     on = {n: backend.asarray(x, dtype=case.dtype, device=case.device) for n, x in arrays.items()}
-    out, lse = fn(**on, **scalars, return_lse=True)
+    out, lse = backend.compiled(fn, **scalars, return_lse=True)(**on)
     return backend.to_numpy(out), backend.to_numpy(lse)
 
 
