@@ -21,6 +21,8 @@ HTML := docs/_build/html
 verify: $(STAMP)
 	$(BIN)/refattn verify
 
+# The process-group tests spawn 2 and 4 ranks each, with time limits: a run of their own,
+# so the other suite's workers do not starve them of the cores.
 test: lint typecheck
 	$(BIN)/pytest -n auto --ignore=tests/test_distributed.py
 	$(BIN)/pytest -n 2 tests/test_distributed.py

@@ -85,12 +85,12 @@ class JaxBackend(Backend):
         """
         from refattn.attention import attention
 
-        if fn is not attention:
-            return partial(fn, **options)
-        try:
-            return _jitted(fn, tuple(sorted(options.items())))
-        except TypeError:  # an option that cannot be a key (an array): eager
-            return partial(fn, **options)
+        if fn is attention:
+            try:
+                return _jitted(fn, tuple(sorted(options.items())))
+            except TypeError:  # an option that cannot be a key (an array): eager
+                pass
+        return super().compiled(fn, **options)
 
 
 @lru_cache(maxsize=256)

@@ -122,3 +122,30 @@ def test_the_opt_in_jax_backend_runs_the_spec_and_a_cache_on_immutable_arrays() 
                                       q_pos=q_pos, k_pos=k_pos))  # fmt: skip
     decoded = np.concatenate([jax.to_numpy(o) for o in outs], axis=2)
     np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("poison", ["nan key no query sees", "inf value no query sees", "none"])
+def test_jitted_attention_takes_the_general_path_and_gives_the_eager_answer(poison: str) -> None:
+    """Under ``jax.jit`` the spec cannot look at values, so :func:`refattn.namespace.surely`
+    says False and the guarded path runs: a NaN key or inf value in a slot no query sees
+    must stay out of the output exactly as it does eagerly on NumPy."""
+    pytest.importorskip("jax")
+    jax = get("jax")
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 4, 5, 8)).astype(np.float32) for _ in range(3))
+    k = np.concatenate([k, np.zeros((2, 4, 1, 8), np.float32)], axis=2)  # a slot after all
+    v = np.concatenate([v, np.zeros((2, 4, 1, 8), np.float32)], axis=2)
+    if poison == "nan key no query sees":
+        k[:, :, -1] = np.nan
+    elif poison == "inf value no query sees":
+        v[:, :, -1] = np.inf
+    options = {"causal": True, "q_pos": np.arange(5), "k_pos": np.arange(6), "return_lse": True}
+    expected_out, expected_lse = refattn.attention(q, k, v, **options)
+    run = jax.compiled(refattn.attention, causal=True, return_lse=True)
+    assert run is jax.compiled(refattn.attention, causal=True, return_lse=True)  # one jit
+    arrays = {"q": q, "k": k, "v": v, "q_pos": np.arange(5), "k_pos": np.arange(6)}
+    on = {n: jax.asarray(x, dtype="float32", device="cpu") for n, x in arrays.items()}
+    out, lse = run(**on)
+    assert np.isfinite(jax.to_numpy(out)).all()
+    np.testing.assert_allclose(jax.to_numpy(out), expected_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.to_numpy(lse), expected_lse, rtol=1e-5, atol=1e-6)
