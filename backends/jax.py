@@ -64,6 +64,9 @@ class JaxBackend(Backend):
             return jax.device_put(xp.asarray(x.astype(index)), on)
         if x.dtype.kind == "b":
             return jax.device_put(xp.asarray(x), on)
+        if dtype not in self.dtypes(device):
+            raise ValueError(f"dtype must be one of {self.dtypes(device)} on JAX here; got {dtype}"
+                             " (float64 needs jax_enable_x64)")  # fmt: skip
         rounded = xp.asarray(self._rounded(x, dtype))
         return jax.device_put(rounded.astype(getattr(xp, dtype)), on)
 
@@ -77,20 +80,49 @@ class JaxBackend(Backend):
         jax.effects_barrier()
 
     def compiled(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-        """``jax.jit`` of the one-pass :func:`refattn.attention` with ``options`` bound as
-        constants of the program (the same options get the same jitted function, whose
-        programs JAX keeps per shape). Any other function runs as it is: the blockwise forms
-        loop over blocks in Python, which a trace would unroll into one program per row
-        length, while eagerly each block shape's operations compile once.
+        """``jax.jit`` of :func:`refattn.attention` and of its blockwise and split-KV forms
+        (given as they are or as a ``functools.partial`` of keywords), with ``options`` bound
+        as constants of the program: the same options get the same jitted function, whose
+        programs JAX keeps per shape. A form's Python loop over blocks is unrolled by the
+        trace, so a call with more than :data:`UNROLLED_STEPS` block steps (a long row in
+        small blocks) runs eagerly, where each block shape's operations compile once. Any
+        other function, or options that cannot be constants (an array), run as they are.
         """
         from refattn.attention import attention
+        from refattn.blockwise import attention_blockwise, attention_split_kv
 
+        if isinstance(fn, partial) and not fn.args:
+            bound: partial[Any] = fn
+            fn, options = bound.func, {**bound.keywords, **options}
+        if fn not in (attention, attention_blockwise, attention_split_kv):
+            return super().compiled(fn, **options)
+        try:
+            jitted = _jitted(fn, tuple(sorted(options.items())))
+        except TypeError:  # an option that cannot be a key (an array): eager
+            return super().compiled(fn, **options)
         if fn is attention:
-            try:
-                return _jitted(fn, tuple(sorted(options.items())))
-            except TypeError:  # an option that cannot be a key (an array): eager
-                pass
-        return super().compiled(fn, **options)
+            return jitted
+        eager = super().compiled(fn, **options)
+
+        def run(*arrays: Any, **named: Any) -> Any:
+            q, k = arrays[:2] if len(arrays) >= 2 else (named["q"], named["k"])
+            steps = _block_steps(fn is attention_split_kv, q.shape[-2], k.shape[-2], options)
+            return (jitted if steps <= UNROLLED_STEPS else eager)(*arrays, **named)
+
+        return run
+
+
+#: The most block steps a jitted blockwise or split-KV call may unroll; past it, the call
+#: runs eagerly (a trace of hundreds of steps compiles for longer than it saves).
+UNROLLED_STEPS = 64
+
+
+def _block_steps(split: bool, q_len: int, k_len: int, options: dict[str, Any]) -> int:
+    """How many block steps a blockwise (or split-KV) call's loop takes."""
+    if split:
+        return int(options.get("num_splits", 1))
+    block_q, block_k = options.get("block_q", 64), options.get("block_k", 64)
+    return (-(-q_len // block_q)) * (-(-k_len // block_k))
 
 
 @lru_cache(maxsize=256)

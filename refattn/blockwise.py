@@ -86,8 +86,10 @@ def online_softmax(call: Call, queries: slice, key_blocks: list[slice]) -> tuple
     denom = xp.zeros((B, Hkv, G, bq, 1), dtype=dtype, device=on)  # running denominator, l
     acc = xp.zeros((B, Hkv, G, bq, call.v.shape[-1]), dtype=dtype, device=on)  # running a
     for keys in key_blocks:
-        if surely(~xp.any(block_visibility(call, queries, keys))):
-            continue  # a block no query here can see: a kernel never loads it
+        if not range(call.k.shape[2])[keys] or surely(
+            ~xp.any(block_visibility(call, queries, keys))
+        ):
+            continue  # an empty block, or one no query here can see: a kernel never loads it
         s, visible = scores(call, queries, keys)  # (B, Hkv, G, bq, bk)
         if not surely(xp.all(visible)):  # a block below the diagonal needs no masking
             s = xp.where(visible, s, neg_inf)

@@ -30,6 +30,7 @@ from refattn import attention
 from refattn.backends import BACKENDS, Case, selected
 from refattn.backends.base import round_to
 from refattn.caches import KINDS, KVCache, PagedCache, QuantizedCache, StaticCache
+from refattn.namespace import index_dtype
 from refattn.testing.decoding import cache_on, decode
 from refattn.testing.drawing import draw_steps
 from refattn.testing.oracle import oracle_attention
@@ -48,17 +49,22 @@ CACHE_CASES = [
     ("array_api_strict", "device1", "float32"),
     ("torch", "cpu", "float32"),
     ("torch", "cpu", "bfloat16"),
+    ("jax", "cpu", "bfloat16"),
 ]
 
 
-def attend_step(cache: KVCache, q_new: Any, k_new: Any, v_new: Any, n_new: list[int]) -> Any:
-    """One step as a model takes it: the new queries sit at ``lengths + i``; update; attend."""
+def attend_step(
+    cache: KVCache, case: Case, q_new: Any, k_new: Any, v_new: Any, n_new: list[int]
+) -> Any:
+    """One step as a model takes it: the new queries sit at ``lengths + i``; update; attend
+    (as the case's backend runs a whole function best: jitted on JAX)."""
     xp = cache.xp
     T = q_new.shape[2]
-    q_pos = cache.lengths[:, None] + xp.arange(T, dtype=xp.int64, device=cache.device)[None, :]
+    offsets = xp.arange(T, dtype=index_dtype(xp), device=cache.device)
+    q_pos = cache.lengths[:, None] + offsets[None, :]
     k, v, k_pos = cache.update(k_new, v_new, n_new)
-    return attention(q_new, k, v, causal=True, q_pos=q_pos, k_pos=k_pos,
-                     **cache.attention_options)  # fmt: skip
+    attend = case.backend.compiled(attention, causal=True, **cache.attention_options)
+    return attend(q_new, k, v, q_pos=q_pos, k_pos=k_pos)
 
 
 def _cache_case_params() -> list[Any]:
@@ -162,7 +168,7 @@ class CacheMachine(RuleBasedStateMachine):
         before = snapshot(self.cache, self.case)
         try:
             out = attend_step(
-                self.cache, backend.asarray(q, **on), backend.asarray(k, **on),
+                self.cache, self.case, backend.asarray(q, **on), backend.asarray(k, **on),
                 backend.asarray(v, **on), n,
             )  # fmt: skip
         except ValueError as error:
@@ -380,7 +386,7 @@ def _bad_updates(cache: KVCache, case: Case) -> list[tuple[Any, Any, Any, type[E
     def new(T: int, heads: int = H, dim: int = D, dtype: str = case.dtype) -> Any:
         return case.backend.asarray(np.ones((B, heads, T, dim)), dtype=dtype, device=case.device)
 
-    other_dtype = "float64" if case.dtype != "float64" else "float32"
+    other_dtype = "float32" if case.dtype != "float32" else "float64"  # one every backend has
     # an array of another library than the cache's (no torch needed for the NumPy cases)
     ones = np.ones((B, H, 1, D))
     foreign = xs.asarray(ones) if case.backend.name == "numpy" else ones

@@ -142,8 +142,13 @@ def decode_layers(
     def named(at: int, text: str) -> str:
         return f"layer {at}: {text}" if len(layers) > 1 else text
 
-    attend = [{n: on_backend(x) if isinstance(x, np.ndarray) else x
-               for n, x in layer.options.items()} for layer in layers]  # fmt: skip
+    # each layer's attention, as the backend runs a whole function best (jitted on JAX): its
+    # scalar options bound, its arrays (ALiBi slopes) passed with the step's
+    attend = [backend.compiled(attention, causal=True, **{
+        n: x for n, x in layer.options.items() if not isinstance(x, np.ndarray)})
+        for layer in layers]  # fmt: skip
+    given = [{n: on_backend(x) for n, x in layer.options.items() if isinstance(x, np.ndarray)}
+             for layer in layers]  # fmt: skip
     B, Hq, S, _ = layers[0].arrays["q"].shape
     outs = [np.full((B, Hq, S, layer.arrays["v"].shape[-1]), np.nan) for layer in layers]
     taken = [0] * B
@@ -177,8 +182,8 @@ def decode_layers(
                     f"what update returned at step {i} changed when the caller rewrote its inputs"
                 )
                 return Unusable(named(at, text), finding=ALIASES)
-            step_out = attention(q_new, k_all, v_all, causal=True, q_pos=on_backend(positions),
-                                 k_pos=on_backend(k_pos), **attend[at])  # fmt: skip
+            step_out = attend[at](q_new, k_all, v_all, q_pos=on_backend(positions),
+                                  k_pos=on_backend(k_pos), **given[at])  # fmt: skip
             result = to_numpy(step_out)
             for b in range(B):
                 outs[at][b, :, taken[b] : taken[b] + n[b]] = result[b, :, : n[b]]
