@@ -33,9 +33,11 @@ BACKENDS: dict[str, Backend] = {
     for b in (NumpyBackend(), StrictBackend(), TorchBackend(), JaxBackend(), CupyBackend())
 }
 
-#: Backends that run only when named (``REFATTN_BACKENDS=jax``): JAX compiles every
-#: operation anew for each shape it meets, and a property test meets a new shape with
-#: almost every example, so a run over it takes minutes where NumPy takes seconds.
+#: Backends that the test matrix runs only when named (``REFATTN_BACKENDS=jax``, a pass of
+#: its own in ``make test``): JAX compiles every program anew for each shape it meets, and a
+#: property test meets a new shape with almost every example, so a run over it takes minutes
+#: where NumPy takes seconds. ``refattn verify`` runs them by default, on a part of its
+#: problems (:attr:`~refattn.backends.base.Backend.verify_share`).
 OPT_IN = ("jax",)
 
 __all__ = [
@@ -70,9 +72,9 @@ def get(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}; got {name!r}") from None
 
 
-def selected(names: Iterable[str] | None = None) -> list[Backend]:
-    """The backends ``names`` (default: ``REFATTN_BACKENDS``, or all but :data:`OPT_IN`
-    when it is unset), available or not.
+def selected(names: Iterable[str] | None = None, *, opt_in: bool = False) -> list[Backend]:
+    """The backends ``names`` (default: ``REFATTN_BACKENDS``, or when it is unset all of
+    them, but those of :data:`OPT_IN` only if ``opt_in``), available or not.
 
     >>> [b.name for b in selected(["numpy", "torch"])]
     ['numpy', 'torch']
@@ -80,14 +82,14 @@ def selected(names: Iterable[str] | None = None) -> list[Backend]:
     if names is None:
         names = os.environ.get("REFATTN_BACKENDS", "").split(",")
     chosen = [get(n.strip()) for n in names if n.strip()]
-    return chosen or [b for b in BACKENDS.values() if b.name not in OPT_IN]
+    return chosen or [b for b in BACKENDS.values() if opt_in or b.name not in OPT_IN]
 
 
-def cases(names: Iterable[str] | None = None) -> list[Case]:
+def cases(names: Iterable[str] | None = None, *, opt_in: bool = False) -> list[Case]:
     """Every (backend, device, dtype) the selected, available backends can run."""
     return [
         Case(b, device, dtype)
-        for b in selected(names)
+        for b in selected(names, opt_in=opt_in)
         if b.available()
         for device in b.devices()
         for dtype in b.dtypes(device)

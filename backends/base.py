@@ -34,6 +34,11 @@ class Backend(ABC):
 
     name: str
     module: str
+    #: The part of ``refattn verify``'s counts (problems, sequences, histories) this backend
+    #: runs when the run does not name it: all of them, but a fifth on a backend that
+    #: compiles a program for every new shape (JAX), whose rows would otherwise take as long
+    #: as all the others together. Named (``--backends jax``), it runs every one.
+    verify_share: float = 1.0
 
     def importable(self) -> bool:
         return importlib.util.find_spec(self.module) is not None

@@ -34,6 +34,7 @@ from refattn.backends.base import Backend
 class JaxBackend(Backend):
     name = "jax"
     module = "jax"
+    verify_share = 0.2
 
     def namespace(self) -> Any:
         import jax.numpy

@@ -33,6 +33,7 @@ PAGES = (
     "caches",
     "blockwise",
     "backward",
+    "distributed",
     "verify",
     "conformance",
     "backends",

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from refattn.backends import BACKENDS, Case, selected
+from refattn.backends.base import round_to
 from refattn.models import GPT, GPTConfig, LayerCaches, Llama, LlamaConfig
 from refattn.models.decoder import Decoder
 from refattn.testing import TOLERANCES
@@ -149,3 +151,51 @@ def test_importing_models_imports_no_framework() -> None:
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
     assert printed.strip() == "False"
+
+
+#: Where the models also run, and which family: GPT on JAX in float32, Mistral (GQA,
+#: RoPE, a window) on JAX in bfloat16. JAX's arrays are immutable (every write a new
+#: array) and each new shape compiles there, so these cases take fixed prompts; the
+#: property over drawn prompts is the NumPy test above.
+MODEL_CASES = [("gpt", "jax", "cpu", "float32"), ("mistral", "jax", "cpu", "bfloat16")]
+
+
+def _model_case_params() -> list[Any]:
+    chosen = {b.name for b in selected()}
+    params = []
+    for family, name, device, dtype in MODEL_CASES:
+        backend = BACKENDS[name]
+        reason = "not in REFATTN_BACKENDS" if name not in chosen else backend.unavailable_reason()
+        case = Case(backend, device, dtype)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(family, case, id=f"{family}-{case.id}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(("family", "model_case"), _model_case_params())
+def test_a_model_on_another_backend_decodes_through_every_cache_as_without_one(
+    family: str, model_case: Case
+) -> None:
+    """Every cache kind's logits on the case's backend against the float64 model's on the
+    same tokens, by the dtype's rule with the backend's own uncached logits as ``spec_t``
+    (for int8, its bound on top)."""
+    backend, dtype = model_case.backend, model_case.dtype
+    model = _random_model(family, seed=11)
+    model.params = {n: round_to(x, dtype) for n, x in model.params.items()}  # what it holds
+    on = type(model)(model.config, {  # type: ignore[attr-defined]
+        n: backend.asarray(x, dtype=dtype, device=model_case.device)
+        for n, x in model.params.items()
+    })  # fmt: skip
+    assert on.xp is not model.xp  # the model found its namespace from its arrays
+    ids = [[3, 1, 4, 1, 5], [9, 2]]
+    rule = TOLERANCES[dtype]
+    for kind in (*KINDS_EXACT, "quantized"):
+        tokens, logits = on.generate(ids, 4, cache=kind, return_logits=True)
+        lengths = [len(p) for p in ids]
+        oracle = _teacher_forced(_as(model, np.float64), tokens, lengths)
+        plain = _teacher_forced(on, tokens, lengths)
+        for step, (c, p, o) in enumerate(zip(logits, plain, oracle, strict=True)):
+            allowed = rule.allowed(float(np.abs(p - o).max()), float(np.abs(o).max()))
+            if kind == "quantized":
+                allowed += quantized_logit_bound(o, bits=8)
+            assert np.abs(c - o).max() <= allowed, (kind, step, np.abs(c - o).max(), allowed)
