@@ -23,9 +23,18 @@ verify: $(STAMP)
 
 # The process-group tests spawn 2 and 4 ranks each, with time limits: a run of their own,
 # so the other suite's workers do not starve them of the cores.
+# JAX compiles a program for every new shape, so it joins the matrix in a pass of its own
+# with fewer examples, over the spec, the blockwise forms and merges, decoding, every cache
+# kind (the decoding property, failed updates, cross-attention) and the models.
+JAX_TESTS := tests/test_attention_matches_oracle.py tests/test_blockwise.py \
+	tests/test_decode_equals_full.py tests/test_caches.py tests/test_models.py tests/test_backends.py
+JAX_SKIPS := extra_right_padding or which_physical or rope_applied or alibi_through or static_dynamic
+
 test: lint typecheck
 	$(BIN)/pytest -n auto --ignore=tests/test_distributed.py
 	$(BIN)/pytest -n 2 tests/test_distributed.py
+	REFATTN_BACKENDS=jax REFATTN_EXAMPLES=4 $(BIN)/pytest -n auto -k "jax and not ($(JAX_SKIPS))" \
+		$(JAX_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -99,7 +99,8 @@ def test_the_opt_in_jax_backend_runs_the_spec_and_a_cache_on_immutable_arrays() 
     array-api-extra, and decoding through it gives NumPy's answer (to float32 rounding)."""
     pytest.importorskip("jax")
     jax = get("jax")
-    assert "jax" not in {b.name for b in selected()}  # opt-in: not in the default matrix
+    assert "jax" not in {b.name for b in selected([])}  # opt-in: not in the default matrix
+    assert jax in selected([], opt_in=True)  # refattn verify's default
     assert jax in selected(["jax"])
     xp = jax.namespace()
     rng = np.random.default_rng(0)
