@@ -39,7 +39,7 @@ from refattn.testing.strategies import HypothesisDraws
 from refattn.testing.tolerance import max_abs_error, quantized_error_bound, spec_error_bound
 
 CAPACITY = 24
-MACHINE_SETTINGS = settings(stateful_step_count=10)  # examples: the profile's (200 by default)
+MACHINE_SETTINGS = settings(stateful_step_count=10)  # examples: the profile's (150 by default)
 
 #: Where the caches run: each backend's float32, plus float64, float16 and bfloat16 somewhere,
 #: and array-api-strict on a second device to catch arrays created without device=.
