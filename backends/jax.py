@@ -22,6 +22,7 @@ gives the same numbers (:func:`refattn.namespace.surely`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import Any
@@ -119,10 +120,15 @@ UNROLLED_STEPS = 64
 
 
 def _block_steps(split: bool, q_len: int, k_len: int, options: dict[str, Any]) -> int:
-    """How many block steps a blockwise (or split-KV) call's loop takes."""
+    """How many block steps a blockwise (or split-KV) call's loop takes (block sizes not
+    given are the form's own defaults, read from its signature)."""
     if split:
-        return int(options.get("num_splits", 1))
-    block_q, block_k = options.get("block_q", 64), options.get("block_k", 64)
+        return int(options.get("num_splits", 1))  # missing: the form itself says so
+    from refattn.blockwise import attention_blockwise
+
+    defaults = inspect.signature(attention_blockwise).parameters
+    block_q = options.get("block_q", defaults["block_q"].default)
+    block_k = options.get("block_k", defaults["block_k"].default)
     return (-(-q_len // block_q)) * (-(-k_len // block_k))
 
 
