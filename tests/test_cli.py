@@ -96,3 +96,21 @@ def test_verify_candidate_that_does_not_exist_is_named(capsys: pytest.CaptureFix
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "AttributeError" in error and "'no_such_kernel'" in error, error
+
+
+def test_a_backend_with_a_share_checks_the_first_part_of_the_same_problems() -> None:
+    from refattn.backends import Case, get
+    from refattn.testing.selfcheck.run import run
+
+    case = Case(get("numpy"), "cpu", "float32")
+    whole = run([case], oracle.oracle_attention, problems=8, sequences=4, histories=1, seed=3)
+    part = run([case], oracle.oracle_attention, problems=8, sequences=4, histories=1, seed=3,
+               shares={"numpy": 0.25})  # fmt: skip
+    cases = {row.check: row.cases for row in part}
+    assert cases["= oracle"] == cases["blockwise = oracle"] == 2
+    assert cases["decode = full"] == 1 and cases["cache: static"] == 1  # at least one
+    assert {row.check: row.cases for row in whole}["= oracle"] == 8
+    first = next(r for r in whole if r.check == "= oracle")
+    again = next(r for r in part if r.check == "= oracle")
+    assert again.worst_out is not None and first.worst_out is not None
+    assert again.worst_out.error <= first.worst_out.error  # a subset of the same problems
